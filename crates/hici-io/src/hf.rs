@@ -1,0 +1,315 @@
+//! Hugging Face Llama base directories: `config.json` plus weights as a single file or shards.
+//!
+//! Weight files are looked up in this order: `model.safetensors.index.json`,
+//! `model.safetensors`, `pytorch_model.bin.index.json`, `pytorch_model.bin`. With an index,
+//! each shard it lists is read once and the index's `weight_map` must describe exactly the
+//! tensors the shards hold. Non-parameter `*.rotary_emb.inv_freq` buffers are skipped.
+
+use crate::error::IoError;
+use crate::tensor_file::read_finite_tensor_file;
+use hici_model::config::LlamaConfig;
+use hici_model::weights::WeightMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Component, Path, PathBuf};
+use tracing::info;
+
+/// Weight files of a base directory, in lookup order: (file name, is an index).
+const WEIGHT_FILES: [(&str, bool); 4] = [
+    ("model.safetensors.index.json", true),
+    ("model.safetensors", false),
+    ("pytorch_model.bin.index.json", true),
+    ("pytorch_model.bin", false),
+];
+
+/// A base directory as read, with where each tensor came from.
+#[derive(Debug)]
+pub(crate) struct BaseDir {
+    pub config: LlamaConfig,
+    pub weights: WeightMap,
+    /// Tensor name -> file it was read from.
+    pub origin: BTreeMap<String, PathBuf>,
+    /// Every file read, in order.
+    pub files: Vec<PathBuf>,
+}
+
+/// Non-parameter buffers some HF `.bin` saves contain; they are recomputed, never loaded.
+pub(crate) fn is_ignored_buffer(key: &str) -> bool {
+    key.ends_with(".rotary_emb.inv_freq")
+}
+
+/// Checks that `path` is an existing directory.
+pub(crate) fn require_dir(path: &Path) -> Result<(), IoError> {
+    let meta = std::fs::metadata(path).map_err(|e| IoError::from_io(path, e))?;
+    if !meta.is_dir() {
+        return Err(IoError::NotADirectory(path.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// Reads a JSON file into a `serde_json::Value`.
+pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value, IoError> {
+    let text = std::fs::read_to_string(path).map_err(|e| IoError::from_io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| IoError::Json {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })
+}
+
+/// Reads `dir/config.json` (required) and the base weights, as f32 in PyTorch layout.
+///
+/// Tensor shapes are checked against the config, unknown tensors are errors (HiCI
+/// `local_constructor` / `global_integrator` tensors are accepted, for already-merged
+/// checkpoints), and NaN/Inf values are rejected.
+pub fn read_base_dir(dir: &Path) -> Result<(LlamaConfig, WeightMap), IoError> {
+    let base = read_base(dir)?;
+    Ok((base.config, base.weights))
+}
+
+/// [`read_base_dir`] keeping the file of each tensor and the list of files read.
+pub(crate) fn read_base(dir: &Path) -> Result<BaseDir, IoError> {
+    require_dir(dir)?;
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(IoError::MissingConfig(dir.to_path_buf()));
+    }
+    let text =
+        std::fs::read_to_string(&config_path).map_err(|e| IoError::from_io(&config_path, e))?;
+    let config = LlamaConfig::from_json(&text).map_err(|e| IoError::Json {
+        path: config_path.clone(),
+        msg: e.to_string(),
+    })?;
+    let mut base = BaseDir {
+        config,
+        weights: WeightMap::new(),
+        origin: BTreeMap::new(),
+        files: vec![config_path],
+    };
+
+    let Some((name, is_index)) = WEIGHT_FILES
+        .iter()
+        .copied()
+        .find(|(name, _)| dir.join(name).is_file())
+    else {
+        return Err(IoError::MissingWeights {
+            dir: dir.to_path_buf(),
+            expected: WEIGHT_FILES.map(|(n, _)| n).join(", "),
+        });
+    };
+    if is_index {
+        read_sharded(dir, &dir.join(name), &mut base)?;
+    } else {
+        let file = dir.join(name);
+        add_file(&file, &mut base, |_| Ok(()))?;
+    }
+    check_base_shapes(dir, &base)?;
+    let params: usize = base.weights.values().map(|t| t.numel()).sum();
+    info!(
+        "base {}: {} tensors, {} parameters from {} weight file(s)",
+        dir.display(),
+        base.weights.len(),
+        params,
+        base.files.len() - 1
+    );
+    Ok(base)
+}
+
+/// Reads one weight file into `base`, calling `accept(key)` on every kept tensor first.
+fn add_file(
+    file: &Path,
+    base: &mut BaseDir,
+    accept: impl Fn(&str) -> Result<(), IoError>,
+) -> Result<(), IoError> {
+    let tensors = read_finite_tensor_file(file)?;
+    let mut skipped = 0usize;
+    let count = tensors.len();
+    for (key, t) in tensors {
+        if is_ignored_buffer(&key) {
+            skipped += 1;
+            continue;
+        }
+        accept(&key)?;
+        if base.weights.contains_key(&key) {
+            // The same tensor in two shards.
+            return Err(IoError::unexpected(&key, file));
+        }
+        base.origin.insert(key.clone(), file.to_path_buf());
+        base.weights.insert(key, t);
+    }
+    info!(
+        "read {} tensors from {}{}",
+        count - skipped,
+        file.display(),
+        if skipped > 0 {
+            format!(" (skipped {skipped} rotary_emb.inv_freq buffers)")
+        } else {
+            String::new()
+        }
+    );
+    base.files.push(file.to_path_buf());
+    Ok(())
+}
+
+/// Reads the shards listed by an HF index file and checks the index against their contents.
+fn read_sharded(dir: &Path, index_path: &Path, base: &mut BaseDir) -> Result<(), IoError> {
+    let bad = |msg: String| IoError::Json {
+        path: index_path.to_path_buf(),
+        msg,
+    };
+    let index = read_json(index_path)?;
+    let map = index
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let mut weight_map = BTreeMap::new();
+    for (key, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| bad(format!("`weight_map[\"{key}\"]` is not a string")))?;
+        let mut parts = Path::new(file).components();
+        if !matches!((parts.next(), parts.next()), (Some(Component::Normal(_)), None)) {
+            return Err(bad(format!(
+                "shard `{file}` of `{key}` is not a plain file name inside the directory"
+            )));
+        }
+        weight_map.insert(key.clone(), file.to_string());
+    }
+    base.files.push(index_path.to_path_buf());
+
+    let shards: BTreeSet<&String> = weight_map.values().collect();
+    for shard in shards {
+        let file = dir.join(shard);
+        add_file(&file, base, |key| match weight_map.get(key) {
+            Some(listed) if listed == shard => Ok(()),
+            _ => Err(IoError::unexpected(key, &file)),
+        })?;
+    }
+    for (key, shard) in &weight_map {
+        if !is_ignored_buffer(key) && !base.weights.contains_key(key) {
+            return Err(IoError::missing(key, &dir.join(shard)));
+        }
+    }
+    Ok(())
+}
+
+/// Is `key` a HiCI module tensor (`local_constructor` / `global_integrator`)?
+pub(crate) fn is_hici_key(key: &str) -> bool {
+    key.contains(".local_constructor.") || key.contains(".global_integrator.")
+}
+
+/// The shape every base Llama tensor must have under `cfg`, or `None` for an unknown name.
+pub(crate) fn expected_base_shape(cfg: &LlamaConfig, key: &str) -> Option<Vec<usize>> {
+    let h = cfg.hidden_size;
+    let kv = cfg.kv_heads() * cfg.head_dim();
+    let i = cfg.intermediate_size;
+    let v = cfg.vocab_size;
+    match key {
+        "model.embed_tokens.weight" | "lm_head.weight" => return Some(vec![v, h]),
+        "model.norm.weight" => return Some(vec![h]),
+        _ => {}
+    }
+    let rest = key.strip_prefix("model.layers.")?;
+    let (layer, name) = parse_layer(rest)?;
+    if layer >= cfg.num_hidden_layers {
+        return None;
+    }
+    Some(match name {
+        "input_layernorm.weight" | "post_attention_layernorm.weight" => vec![h],
+        "self_attn.q_proj.weight" | "self_attn.o_proj.weight" => vec![h, h],
+        "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => vec![kv, h],
+        "mlp.gate_proj.weight" | "mlp.up_proj.weight" => vec![i, h],
+        "mlp.down_proj.weight" => vec![h, i],
+        _ => return None,
+    })
+}
+
+/// Splits `"{i}.{rest}"` into the layer index and the rest (canonical decimal only).
+pub(crate) fn parse_layer(s: &str) -> Option<(usize, &str)> {
+    let (layer, name) = s.split_once('.')?;
+    let i: usize = layer.parse().ok()?;
+    (i.to_string() == layer).then_some((i, name))
+}
+
+/// Every tensor name a plain Llama base must have under `cfg`.
+pub(crate) fn required_base_keys(cfg: &LlamaConfig) -> Vec<String> {
+    let mut keys = vec![
+        "model.embed_tokens.weight".to_string(),
+        "model.norm.weight".to_string(),
+    ];
+    if !cfg.tie_word_embeddings {
+        keys.push("lm_head.weight".into());
+    }
+    for l in 0..cfg.num_hidden_layers {
+        for name in [
+            "input_layernorm.weight",
+            "post_attention_layernorm.weight",
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight",
+            "mlp.gate_proj.weight",
+            "mlp.up_proj.weight",
+            "mlp.down_proj.weight",
+        ] {
+            keys.push(format!("model.layers.{l}.{name}"));
+        }
+    }
+    keys
+}
+
+/// Checks names and shapes of the base tensors against the config.
+fn check_base_shapes(dir: &Path, base: &BaseDir) -> Result<(), IoError> {
+    let file_of = |key: &str| base.origin.get(key).cloned().unwrap_or(dir.to_path_buf());
+    for (key, t) in &base.weights {
+        if is_hici_key(key) {
+            continue; // checked with the HiCI configuration in `checkpoint`
+        }
+        let expected = expected_base_shape(&base.config, key)
+            .ok_or_else(|| IoError::unexpected(key, &file_of(key)))?;
+        if t.shape != expected {
+            return Err(IoError::shape(key, &file_of(key), &expected, &t.shape));
+        }
+    }
+    for key in required_base_keys(&base.config) {
+        if !base.weights.contains_key(&key) {
+            return Err(IoError::missing(&key, dir));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> LlamaConfig {
+        LlamaConfig::from_json(
+            r#"{"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+                "max_position_embeddings": 64}"#,
+        )
+        .expect("valid config")
+    }
+
+    #[test]
+    fn base_shapes() {
+        let c = cfg();
+        assert_eq!(
+            expected_base_shape(&c, "model.layers.1.self_attn.k_proj.weight"),
+            Some(vec![32, 64])
+        );
+        assert_eq!(
+            expected_base_shape(&c, "model.layers.1.mlp.down_proj.weight"),
+            Some(vec![64, 172])
+        );
+        assert_eq!(
+            expected_base_shape(&c, "model.layers.2.mlp.down_proj.weight"),
+            None
+        );
+        assert_eq!(
+            expected_base_shape(&c, "model.layers.01.mlp.down_proj.weight"),
+            None
+        );
+        assert_eq!(expected_base_shape(&c, "model.layers.0.mlp.bias"), None);
+        assert_eq!(required_base_keys(&c).len(), 3 + 2 * 9);
+    }
+}

@@ -1,0 +1,305 @@
+//! The whole model: embeddings, decoder layers, final norm, `lm_head`, and the four attention
+//! modes of spec §4 as a typed value.
+
+use crate::cache::{DecodeCache, KvCache};
+use crate::config::{LoraConfig, LoraMode, ModelConfig};
+use crate::error::ModelError;
+use crate::hici::broadcast::{segment_count, SegmentRule};
+use crate::layer::{DecoderLayer, RmsNorm};
+use crate::lora::Linear;
+use crate::rope::Rope;
+use crate::tensor_util::to_param;
+use crate::weights::{take_shaped, WeightSource};
+use burn::module::Param;
+use burn::prelude::*;
+
+/// Attention mode of a forward pass (replaces the reference's module-level switches).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionMode {
+    /// **F**: plain causal attention over all tokens; HiCI modules unused (paper PPL tables).
+    Full,
+    /// **T**: `segments` equal segments, shared `G`, each segment attends to `[G ; L_n ; own
+    /// tokens]` (pre-training forward). Errors when `segments` does not divide the length.
+    Segmented { segments: usize },
+    /// **T-SFT**: segments chosen by the SFT rule (spec §4.3).
+    SftSegmented,
+    /// **I**: SFT inference — the whole prompt is one segment; the decode cache keeps
+    /// `[G ; L ; tokens]` (see [`DecodeCache`]).
+    Inference,
+}
+
+impl AttentionMode {
+    /// Whether the mode runs the HiCI modules.
+    pub fn uses_hici(&self) -> bool {
+        !matches!(self, AttentionMode::Full)
+    }
+
+    fn segment_rule(&self) -> Option<SegmentRule> {
+        match *self {
+            AttentionMode::Full => None,
+            AttentionMode::Segmented { segments } => Some(SegmentRule::Equal(segments)),
+            AttentionMode::SftSegmented => Some(SegmentRule::Sft),
+            AttentionMode::Inference => Some(SegmentRule::Whole),
+        }
+    }
+}
+
+/// Which prefill rows get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Every position `[b, S, V]` (perplexity, parity tests).
+    All,
+    /// Only the last position `[b, 1, V]` (generation: avoids an `S x V` tensor).
+    Last,
+}
+
+/// Per-layer values captured during a forward (for diagnostics and parity tests).
+#[derive(Debug, Clone)]
+pub struct LayerTrace<B: Backend> {
+    /// `[b, S, H]` input of the attention (after `input_layernorm`).
+    pub attn_in: Tensor<B, 3>,
+    /// `[b, S, H]` attention output (after `o_proj`).
+    pub attn_out: Tensor<B, 3>,
+    /// `[b, N, M, H]` local slots.
+    pub local: Option<Tensor<B, 4>>,
+    /// `[b, K, H]` global slots.
+    pub global: Option<Tensor<B, 3>>,
+}
+
+/// Llama-2 with HiCI in every attention layer.
+#[derive(Module, Debug)]
+pub struct HiciLlama<B: Backend> {
+    /// `[V, H]`.
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    /// `H -> V`, untied.
+    pub lm_head: Linear<B>,
+    #[module(skip)]
+    pub config: ModelConfig,
+    #[module(skip)]
+    pub rope: Rope,
+}
+
+impl<B: Backend> HiciLlama<B> {
+    /// Builds the model from named weights (see [`crate::weights`] for the names).
+    ///
+    /// `lora` gives `r`/`alpha` when the source holds LoRA tensors; `mode` merges them at load
+    /// time or keeps the low-rank path. Every tensor is shape-checked; a missing one is an error
+    /// naming it. Tensors the model does not use stay in `src`.
+    pub fn from_weights(
+        cfg: &ModelConfig,
+        lora: Option<LoraConfig>,
+        mode: LoraMode,
+        src: &mut dyn WeightSource,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
+        cfg.validate()?;
+        let l = &cfg.llama;
+        let (v, h) = (l.vocab_size, l.hidden_size);
+        let embed = take_shaped(src, "model.embed_tokens.weight", &[v, h])?;
+        let mut layers = Vec::with_capacity(l.num_hidden_layers);
+        for i in 0..l.num_hidden_layers {
+            layers.push(DecoderLayer::load(src, i, cfg, lora, mode, device)?);
+        }
+        let norm = RmsNorm::load(src, "model.norm.weight", h, l.rms_norm_eps, device)?;
+        let lm_head = if l.tie_word_embeddings {
+            Linear {
+                weight: Param::from_tensor(
+                    Tensor::<B, 2>::from_data(
+                        TensorData::new(embed.data.clone(), embed.shape.clone()),
+                        device,
+                    )
+                    .transpose(),
+                ),
+            }
+        } else {
+            Linear::load(src, "lm_head.weight", h, v, device)?
+        };
+        Ok(Self {
+            embed_tokens: to_param(embed, device),
+            layers,
+            norm,
+            lm_head,
+            config: cfg.clone(),
+            rope: Rope::new(l.head_dim(), l.rope_theta, cfg.rope_factor),
+        })
+    }
+
+    /// The configuration the model was built with.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Vocabulary size (rows of the embedding).
+    pub fn vocab_size(&self) -> usize {
+        self.embed_tokens.dims()[0]
+    }
+
+    /// `ids: [b, S]` -> `[b, S, H]`.
+    pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [b, s] = ids.dims();
+        let h = self.embed_tokens.dims()[1];
+        self.embed_tokens
+            .val()
+            .select(0, ids.reshape([b * s]))
+            .reshape([b, s, h])
+    }
+
+    fn check_ids(&self, ids: &Tensor<B, 2, Int>) -> Result<(), ModelError> {
+        let [b, s] = ids.dims();
+        if b == 0 || s == 0 {
+            return Err(ModelError::Input("empty token sequence".into()));
+        }
+        let v = self.vocab_size() as i64;
+        let data = ids.to_data().convert::<i64>();
+        let vals = data
+            .as_slice::<i64>()
+            .map_err(|e| ModelError::Input(format!("token ids: {e:?}")))?;
+        if let Some(bad) = vals.iter().find(|&&x| x < 0 || x >= v) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is out of range for a vocabulary of {v}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn head(&self, x: Tensor<B, 3>, which: Logits) -> Tensor<B, 3> {
+        let x = match which {
+            Logits::All => x,
+            Logits::Last => {
+                let s = x.dims()[1];
+                x.narrow(1, s - 1, 1)
+            }
+        };
+        self.lm_head.forward(self.norm.forward(x))
+    }
+
+    /// Runs every layer of a prefill. Returns the final hidden states, the cache (if asked)
+    /// and, when `trace` is set, per-layer intermediates.
+    fn run(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        mode: AttentionMode,
+        cache_kind: Option<DecodeCache>,
+        trace: bool,
+    ) -> Result<(Tensor<B, 3>, Option<KvCache<B>>, Vec<LayerTrace<B>>), ModelError> {
+        self.check_ids(&ids)?;
+        let s = ids.dims()[1];
+        let segments = match mode.segment_rule() {
+            Some(rule) => Some(segment_count(s, rule)?),
+            None => None,
+        };
+        if segments.is_some() && self.config.hici.is_none() {
+            return Err(ModelError::NoHici);
+        }
+        if cache_kind.is_some() && segments.is_some_and(|n| n != 1) {
+            return Err(ModelError::Config(
+                "a decode cache needs mode full or hici (Mode I); segmented modes have no \
+                 defined decoding"
+                    .into(),
+            ));
+        }
+        let mut x = self.embed(ids);
+        let mut caches = Vec::new();
+        let mut traces = Vec::new();
+        for layer in &self.layers {
+            let a = layer.input_layernorm.forward(x.clone());
+            let out = match segments {
+                None => {
+                    layer
+                        .self_attn
+                        .forward_full(a.clone(), 0, &self.rope, cache_kind.is_some())
+                }
+                Some(n) => layer
+                    .self_attn
+                    .forward_hici(a.clone(), n, 0, &self.rope, cache_kind)?,
+            };
+            if trace {
+                traces.push(LayerTrace {
+                    attn_in: a,
+                    attn_out: out.out.clone(),
+                    local: out.local.clone(),
+                    global: out.global.clone(),
+                });
+            }
+            if let Some(c) = out.cache {
+                caches.push(c);
+            }
+            x = layer.finish(x, out.out);
+        }
+        let cache = cache_kind.map(|kind| KvCache {
+            layers: caches,
+            next_position: s,
+            prefix_len: match (segments, kind) {
+                (Some(_), DecodeCache::Slots | DecodeCache::ReferenceScrambled) => {
+                    self.config.hici.as_ref().map_or(0, |h| h.prefix_len())
+                }
+                _ => 0,
+            },
+        });
+        Ok((x, cache, traces))
+    }
+
+    /// Logits for a whole sequence without a cache. `ids: [b, S]` -> `[b, S, V]`.
+    pub fn forward(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        mode: AttentionMode,
+    ) -> Result<Tensor<B, 3>, ModelError> {
+        let (x, _, _) = self.run(ids, mode, None, false)?;
+        Ok(self.head(x, Logits::All))
+    }
+
+    /// Like [`Self::forward`], also returning per-layer intermediates.
+    pub fn forward_traced(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        mode: AttentionMode,
+    ) -> Result<(Tensor<B, 3>, Vec<LayerTrace<B>>), ModelError> {
+        let (x, _, t) = self.run(ids, mode, None, true)?;
+        Ok((self.head(x, Logits::All), t))
+    }
+
+    /// Prefill for generation: `ids: [b, P]` -> logits (`[b, P, V]` or `[b, 1, V]`) and the
+    /// decode cache. `mode` must be [`AttentionMode::Full`] (token cache) or
+    /// [`AttentionMode::Inference`] (cache per `decode_cache`).
+    pub fn prefill(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        mode: AttentionMode,
+        decode_cache: DecodeCache,
+        logits: Logits,
+    ) -> Result<(Tensor<B, 3>, KvCache<B>), ModelError> {
+        let (x, cache, _) = self.run(ids, mode, Some(decode_cache), false)?;
+        let cache = cache.ok_or_else(|| ModelError::Config("no cache produced".into()))?;
+        Ok((self.head(x, logits), cache))
+    }
+
+    /// One decode step: `ids: [b, s_new]` (usually one token per sequence) at the cache's next
+    /// position -> `[b, s_new, V]`. Attends over the whole cache; G and L stay frozen.
+    pub fn decode(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 3>, ModelError> {
+        self.check_ids(&ids)?;
+        if cache.layers.len() != self.layers.len() {
+            return Err(ModelError::Config(format!(
+                "cache has {} layers, model has {}",
+                cache.layers.len(),
+                self.layers.len()
+            )));
+        }
+        let s = ids.dims()[1];
+        let pos = cache.next_position;
+        let mut x = self.embed(ids);
+        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let a = layer.input_layernorm.forward(x.clone());
+            let out = layer.self_attn.forward_decode(a, pos, &self.rope, lc);
+            x = layer.finish(x, out);
+        }
+        cache.next_position += s;
+        Ok(self.head(x, Logits::All))
+    }
+}

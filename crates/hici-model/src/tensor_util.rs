@@ -1,0 +1,46 @@
+//! Small helpers turning host tensors into burn parameters.
+
+use crate::weights::HostTensor;
+use burn::module::Param;
+use burn::prelude::*;
+
+/// `[rows, cols]` row-major -> `[cols, rows]` row-major, on the host.
+pub(crate) fn transpose_host(t: &HostTensor) -> HostTensor {
+    let (rows, cols) = (t.shape[0], t.shape[1]);
+    let mut out = vec![0.0f32; rows * cols];
+    for r in 0..rows {
+        let src = &t.data[r * cols..(r + 1) * cols];
+        for (c, v) in src.iter().enumerate() {
+            out[c * rows + r] = *v;
+        }
+    }
+    HostTensor {
+        shape: vec![cols, rows],
+        data: out,
+    }
+}
+
+/// Uploads a host tensor as a `D`-dimensional tensor.
+pub(crate) fn to_tensor<B: Backend, const D: usize>(
+    t: HostTensor,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    debug_assert_eq!(t.shape.len(), D);
+    Tensor::from_data(TensorData::new(t.data, t.shape), device)
+}
+
+/// Uploads a host tensor as a parameter.
+pub(crate) fn to_param<B: Backend, const D: usize>(
+    t: HostTensor,
+    device: &B::Device,
+) -> Param<Tensor<B, D>> {
+    Param::from_tensor(to_tensor(t, device))
+}
+
+/// Reads a tensor back to the host as f32 values (tests and tools).
+pub fn to_vec_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32 data after convert")
+}

@@ -1,0 +1,258 @@
+//! Unit tests of the model's pieces against hand-checkable cases.
+
+use burn::prelude::*;
+use hici_model::attention::{attend, attend_naive};
+use hici_model::hici::broadcast::{segment_count, sft_segment_len, SegmentRule};
+use hici_model::hici::global::softplus_f32;
+use hici_model::hici::GlobalIntegrator;
+use hici_model::rope::apply_rope;
+use hici_model::*;
+
+type B = burn::backend::NdArray<f32>;
+
+fn dev() -> burn::backend::ndarray::NdArrayDevice {
+    Default::default()
+}
+
+fn t<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(data, shape), &dev())
+}
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn rnd(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+#[test]
+fn sft_segment_rule_matches_spec_examples() {
+    assert_eq!(sft_segment_len(16384), 16384);
+    assert_eq!(sft_segment_len(8192), 8192);
+    assert_eq!(sft_segment_len(3000), 1500);
+    assert_eq!(sft_segment_len(4095), 1365);
+    assert_eq!(sft_segment_len(4097), 241);
+    assert_eq!(sft_segment_len(37), 37); // prime
+    assert_eq!(sft_segment_len(19), 19); // < 20
+    assert_eq!(segment_count(4097, SegmentRule::Sft).unwrap(), 17);
+    assert_eq!(segment_count(256, SegmentRule::Equal(4)).unwrap(), 4);
+    assert_eq!(
+        segment_count(250, SegmentRule::Equal(4)).unwrap_err(),
+        ModelError::SegmentsDoNotDivide {
+            len: 250,
+            segments: 4
+        }
+    );
+    assert!(segment_count(0, SegmentRule::Whole).is_err());
+    assert!(segment_count(8, SegmentRule::Equal(0)).is_err());
+}
+
+#[test]
+fn mask_rule_is_bottom_right_with_visible_prefix() {
+    // q = 0 makes every allowed key equally likely; v_j = j. Row i must average keys
+    // 0 ..= i + (k_len - q_len): mean = (i + off) / 2.
+    for (q_len, k_len) in [(5, 5), (5, 17), (1, 9), (600, 612)] {
+        let off = k_len - q_len;
+        let q = Tensor::<B, 4>::zeros([1, 1, q_len, 4], &dev());
+        let k = Tensor::<B, 4>::zeros([1, 1, k_len, 4], &dev());
+        let idx: Vec<f32> = (0..k_len).flat_map(|j| [j as f32; 4]).collect();
+        let v = t(idx, [1, 1, k_len, 4]);
+        let out = to_vec_f32(attend(q, k, v));
+        for i in 0..q_len {
+            let want = (i + off) as f32 / 2.0;
+            assert!(
+                (out[i * 4] - want).abs() < 1e-3 * want.max(1.0),
+                "row {i}: {} vs {want}",
+                out[i * 4]
+            );
+        }
+    }
+}
+
+#[test]
+fn blocked_attention_equals_naive_attention_with_gqa() {
+    let (b, nh, nkv, d) = (1, 4, 2, 8);
+    for (q_len, k_len) in [(37, 49), (600, 612), (700, 700), (1, 300)] {
+        let q = t(rnd(b * nh * q_len * d, 1), [b, nh, q_len, d]);
+        let k = t(rnd(b * nkv * k_len * d, 2), [b, nkv, k_len, d]);
+        let v = t(rnd(b * nkv * k_len * d, 3), [b, nkv, k_len, d]);
+        let a = to_vec_f32(attend(q.clone(), k.clone(), v.clone()));
+        let n = to_vec_f32(attend_naive(q, k, v));
+        let diff = a
+            .iter()
+            .zip(&n)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 1e-5, "q {q_len} k {k_len}: {diff}");
+    }
+}
+
+#[test]
+fn rope_is_rotate_half_with_linear_interpolation() {
+    let rope = Rope::new(4, 10000.0, 4.0);
+    assert_eq!(rope.inv_freq, vec![1.0, 0.01]);
+    assert_eq!(rope.angle(5, 0), 1.25);
+    let (cos, sin) = rope.tables::<B>(5, 1, &dev());
+    let x = t(vec![1.0, 0.0, 0.0, 0.0], [1, 1, 1, 4]);
+    let y = to_vec_f32(apply_rope(x, &cos.unsqueeze_dim(0), &sin.unsqueeze_dim(0)));
+    // rotate_half([1,0,0,0]) = [0,0,1,0]: pairs (j, j + hd/2)
+    let want = [1.25f32.cos(), 0.0, 1.25f32.sin(), 0.0];
+    for (a, b) in y.iter().zip(want) {
+        assert!((a - b).abs() < 1e-6, "{y:?}");
+    }
+    // the 7B setting keeps f32 angle arithmetic: angle = f32(f32(p/s) * inv_freq)
+    let r7 = Rope::new(128, 10000.0, 4.0);
+    let p = 16383usize;
+    assert_eq!(r7.angle(p, 1), (p as f32 / 4.0) * r7.inv_freq[1]);
+}
+
+#[test]
+fn gi_statistics_order_population_std_and_normalised_mean() {
+    let local = t(vec![1.0, 2.0, 3.0, 6.0], [1, 2, 2]);
+    let s = to_vec_f32(GlobalIntegrator::<B>::statistics(local));
+    let n = (20.0f32).sqrt();
+    let want = [2.0, 4.0, 3.0, 6.0, 1.0, 2.0, 1.0, 2.0, 2.0 / n, 4.0 / n];
+    for (a, b) in s.iter().zip(want) {
+        assert!((a - b).abs() < 1e-6, "{s:?}");
+    }
+    // std is clamped at 1e-6 and the norm floor keeps a zero mean finite
+    let zeros = t(vec![0.0; 6], [1, 3, 2]);
+    let s = to_vec_f32(GlobalIntegrator::<B>::statistics(zeros));
+    assert_eq!(&s[6..8], &[1e-6, 1e-6]);
+    assert!(s.iter().all(|x| x.is_finite()));
+}
+
+#[test]
+fn softplus_follows_torch_threshold() {
+    assert!((softplus_f32(0.75) - 1.1369).abs() < 1e-4);
+    assert_eq!(softplus_f32(30.0), 30.0);
+}
+
+fn tiny_hici() -> HiciConfig {
+    HiciConfig {
+        local_slots: 3,
+        global_slots: 2,
+        lc_heads: 2,
+        gi_heads: 2,
+        bottleneck_dim: 8,
+        compress_dim: 8,
+        shared_compress_dim: 4,
+    }
+}
+
+fn gi_weights(h: usize, c: &HiciConfig) -> WeightMap {
+    let (sd, cd, k) = (c.shared_compress_dim, c.compress_dim, c.global_slots);
+    let p = "gi";
+    let mut w = WeightMap::new();
+    let mut put = |name: &str, shape: Vec<usize>, seed: u64| {
+        let n = shape.iter().product();
+        w.insert(
+            format!("{p}.{name}"),
+            HostTensor::new(shape, rnd(n, seed)).unwrap(),
+        );
+    };
+    put("shared_compressor.0.weight", vec![sd, h], 1);
+    put("shared_compressor.1.weight", vec![sd], 2);
+    put("shared_compressor.1.bias", vec![sd], 3);
+    put("stat_expand.0.weight", vec![cd, sd], 4);
+    put("stat_expand.1.weight", vec![cd], 5);
+    put("stat_expand.1.bias", vec![cd], 6);
+    put("global_queries", vec![k, cd], 7);
+    for (i, n) in ["q_proj", "k_proj", "v_proj", "o_proj"].iter().enumerate() {
+        put(&format!("{n}.weight"), vec![cd, cd], 10 + i as u64);
+    }
+    put("expand.weight", vec![h, cd], 20);
+    put("expand_scale_param", vec![], 21);
+    w
+}
+
+#[test]
+fn gi_forward_causal_last_segment_equals_forward() {
+    let (h, c) = (6, tiny_hici());
+    let mut w = gi_weights(h, &c);
+    let gi =
+        GlobalIntegrator::<B>::load(&mut w, "gi", h, &c, None, LoraMode::Merged, &dev()).unwrap();
+    assert!(w.is_empty());
+    let (n, m) = (3, c.local_slots);
+    let local = t(rnd(n * m * h, 99), [1, n, m, h]);
+    let causal = to_vec_f32(gi.forward_causal(local.clone()));
+    let full = to_vec_f32(gi.forward(local.clone().reshape([1, n * m, h])));
+    let per = c.global_slots * h;
+    let last = &causal[(n - 1) * per..];
+    let d = last
+        .iter()
+        .zip(&full)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(d < 1e-4, "last causal G vs forward: {d}");
+    // segment 0 alone equals forward on segment 0
+    let first = to_vec_f32(gi.forward(local.narrow(1, 0, 1).reshape([1, m, h])));
+    let d = causal[..per]
+        .iter()
+        .zip(&first)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(d < 1e-4, "first causal G vs forward: {d}");
+}
+
+#[test]
+fn missing_and_misshaped_weights_are_named() {
+    let (h, c) = (6, tiny_hici());
+    let mut w = gi_weights(h, &c);
+    w.remove("gi.global_queries");
+    let err = GlobalIntegrator::<B>::load(&mut w, "gi", h, &c, None, LoraMode::Merged, &dev())
+        .unwrap_err();
+    assert_eq!(
+        err,
+        ModelError::MissingWeight {
+            name: "gi.global_queries".into()
+        }
+    );
+    let mut w = gi_weights(h, &c);
+    w.insert(
+        "gi.expand.weight".into(),
+        HostTensor::new(vec![h, 3], vec![0.0; h * 3]).unwrap(),
+    );
+    let err = GlobalIntegrator::<B>::load(&mut w, "gi", h, &c, None, LoraMode::Merged, &dev())
+        .unwrap_err();
+    assert!(
+        matches!(err, ModelError::ShapeMismatch { ref name, .. } if name == "gi.expand.weight"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_hici_config_is_a_typed_error() {
+    let mut c = tiny_hici();
+    c.bottleneck_dim = 10;
+    c.lc_heads = 4;
+    let err = c.validate().unwrap_err();
+    assert!(matches!(err, ModelError::Config(_)));
+    assert!(err.to_string().contains("bottleneck dim 10"), "{err}");
+}
+
+#[test]
+fn rope_factor_precedence() {
+    let mut cfg = LlamaConfig::from_json(
+        r#"{"hidden_size":64,"intermediate_size":172,"num_hidden_layers":2,"num_attention_heads":4,
+            "vocab_size":512,"max_position_embeddings":4096}"#,
+    )
+    .unwrap();
+    assert_eq!(resolve_rope_factor(None, &cfg, Some(16384)), 4.0);
+    assert_eq!(resolve_rope_factor(None, &cfg, Some(10000)), 3.0);
+    assert_eq!(resolve_rope_factor(None, &cfg, None), 1.0);
+    cfg.rope_scaling = Some(RopeScaling {
+        kind: "linear".into(),
+        factor: 2.0,
+    });
+    assert_eq!(resolve_rope_factor(None, &cfg, Some(16384)), 2.0);
+    assert_eq!(resolve_rope_factor(Some(8.0), &cfg, Some(16384)), 8.0);
+}

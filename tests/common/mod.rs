@@ -1,0 +1,127 @@
+//! Shared helpers of the integration tests: fixture paths, expected-value readers, diffs.
+#![allow(dead_code)]
+
+use hici::io::{load_checkpoint, LoadOptions};
+use hici::model::{HiciLlama, LoraMode};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+pub type B = burn::backend::NdArray<f32>;
+
+/// The tiny HiCI fixture shipped in the repo.
+pub fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-hici-a")
+}
+
+/// A tensor read from an expected-output file.
+#[derive(Debug, Clone)]
+pub struct Expected {
+    pub shape: Vec<usize>,
+    pub f32: Vec<f32>,
+    pub i64: Vec<i64>,
+}
+
+/// Reads every tensor of `expected/<name>` (F32 and I64 only).
+pub fn expected(name: &str) -> BTreeMap<String, Expected> {
+    let path = fixture().join("expected").join(name);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
+    let mut out = BTreeMap::new();
+    for (k, v) in st.tensors() {
+        let raw = v.data();
+        let (f, i) = match v.dtype() {
+            Dtype::F32 => (
+                raw.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+                vec![],
+            ),
+            Dtype::I64 => (
+                vec![],
+                raw.chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            ),
+            d => panic!("unexpected dtype {d:?} in {name}:{k}"),
+        };
+        out.insert(
+            k.to_string(),
+            Expected {
+                shape: v.shape().to_vec(),
+                f32: f,
+                i64: i,
+            },
+        );
+    }
+    out
+}
+
+/// Token ids of `inputs.safetensors` entry `key`.
+pub fn input_ids(key: &str) -> Vec<i64> {
+    expected("inputs.safetensors")[key].i64.clone()
+}
+
+/// Parsed `expected/summary.json`.
+pub fn summary() -> serde_json::Value {
+    let p = fixture().join("expected/summary.json");
+    serde_json::from_str(&std::fs::read_to_string(p).expect("summary.json")).expect("json")
+}
+
+/// Loads the fixture through the real importer (HiCI heads 4, as the fixture was made).
+pub fn load_model(mode: LoraMode) -> HiciLlama<B> {
+    let opts = LoadOptions {
+        hici_heads: 4,
+        ..LoadOptions::default()
+    };
+    let fx = fixture();
+    let ck =
+        load_checkpoint(&fx.join("base"), Some(&fx.join("adapter")), &opts).expect("fixture loads");
+    let mut weights = ck.weights;
+    let model =
+        HiciLlama::<B>::from_weights(&ck.config, ck.lora, mode, &mut weights, &Default::default())
+            .expect("model builds");
+    assert!(
+        weights.is_empty(),
+        "unused weights: {:?}",
+        weights.keys().collect::<Vec<_>>()
+    );
+    model
+}
+
+/// `[1, n]` int tensor.
+pub fn ids_tensor(ids: &[i64]) -> burn::tensor::Tensor<B, 2, burn::tensor::Int> {
+    burn::tensor::Tensor::from_data(
+        burn::tensor::TensorData::new(ids.to_vec(), [1, ids.len()]),
+        &Default::default(),
+    )
+}
+
+/// Max absolute difference; panics on length mismatch.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
+}
+
+/// Asserts `max |a-b| <= tol`, printing the measured value (collected in the closing notes).
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    let d = max_abs_diff(got, want);
+    eprintln!("[parity] {what}: max abs diff {d:.3e} (tol {tol:.0e})");
+    assert!(d <= tol, "{what}: max abs diff {d} > {tol}");
+}
+
+/// Mean next-token NLL of logits `[S, V]` for `ids` (log-softmax in f64).
+pub fn mean_nll(logits: &[f32], vocab: usize, ids: &[i64]) -> f64 {
+    let s = ids.len();
+    let mut total = 0.0f64;
+    for t in 0..s - 1 {
+        let row = &logits[t * vocab..(t + 1) * vocab];
+        let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+        let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+        total += lse - row[ids[t + 1] as usize] as f64;
+    }
+    total / (s - 1) as f64
+}
