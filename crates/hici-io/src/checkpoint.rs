@@ -139,6 +139,8 @@ pub fn load_checkpoint(
             report
                 .notes
                 .push("adapter has no trainable_params: base embedding and norms kept".into());
+            // Where HiCI tensors, if the adapter needs them, should have come from.
+            hici_home = dir.join("trainable_params.bin");
         }
         if has_config {
             let cfg = read_adapter_config(dir)?;
@@ -266,7 +268,12 @@ fn resize_vocab(
         let (rows, cols) = (head.shape[0], head.shape[1]);
         if embed_rows < rows {
             let file = origin.get(embed_key).cloned().unwrap_or_default();
-            return Err(IoError::shape(embed_key, &file, &[rows, cols], &[embed_rows, cols]));
+            return Err(IoError::shape(
+                embed_key,
+                &file,
+                &[rows, cols],
+                &[embed_rows, cols],
+            ));
         }
         if embed_rows > rows {
             let extra = embed_rows - rows;
@@ -348,7 +355,9 @@ fn check_hici(
     // `[rows, cols]` of a layer-0 tensor; `cols` is checked when known.
     let dims = |name: &str, cols: Option<usize>| -> Result<(usize, usize), IoError> {
         let key = format!("model.layers.0.self_attn.{name}");
-        let t = weights.get(&key).ok_or_else(|| IoError::missing(&key, home))?;
+        let t = weights
+            .get(&key)
+            .ok_or_else(|| IoError::missing(&key, home))?;
         match t.shape.as_slice() {
             &[r, c] if r > 0 && c > 0 && cols.is_none_or(|want| want == c) => Ok((r, c)),
             found => {

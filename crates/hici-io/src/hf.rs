@@ -166,7 +166,10 @@ fn read_sharded(dir: &Path, index_path: &Path, base: &mut BaseDir) -> Result<(),
             .as_str()
             .ok_or_else(|| bad(format!("`weight_map[\"{key}\"]` is not a string")))?;
         let mut parts = Path::new(file).components();
-        if !matches!((parts.next(), parts.next()), (Some(Component::Normal(_)), None)) {
+        if !matches!(
+            (parts.next(), parts.next()),
+            (Some(Component::Normal(_)), None)
+        ) {
             return Err(bad(format!(
                 "shard `{file}` of `{key}` is not a plain file name inside the directory"
             )));

@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod hf;
 pub mod peft;
+mod pickle_scan;
 pub mod tensor_file;
 pub mod trainable;
 

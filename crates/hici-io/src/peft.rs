@@ -54,9 +54,11 @@ fn parse_adapter_config(json: &Value) -> Result<LoraConfig, String> {
 
     let flag = |name: &str| field(name).and_then(Value::as_bool).unwrap_or(false);
     if flag("fan_in_fan_out") {
-        return Err("fan_in_fan_out = true (GPT-2 style Conv1D weights stored [in, out]) \
+        return Err(
+            "fan_in_fan_out = true (GPT-2 style Conv1D weights stored [in, out]) \
                     is not supported: Llama projections are nn.Linear"
-            .into());
+                .into(),
+        );
     }
     if flag("use_rslora") {
         return Err(

@@ -38,7 +38,13 @@ fn fixture_loads_with_expected_config() {
     assert_eq!(ck.lora, Some(LoraConfig { r: 8, alpha: 16.0 }));
 
     // Spec §8: per-layer HiCI params M·H + 4·Bd·H + Sd·H + 2Sd + Cd·Sd + 2Cd + K·Cd + 4Cd² + Cd·H + 1.
-    let per_layer = 8 * 64 + 4 * 32 * 64 + 16 * 64 + 2 * 16 + 32 * 16 + 2 * 32 + 4 * 32
+    let per_layer = 8 * 64
+        + 4 * 32 * 64
+        + 16 * 64
+        + 2 * 16
+        + 32 * 16
+        + 2 * 32
+        + 4 * 32
         + 4 * 32 * 32
         + 32 * 64
         + 1;
@@ -81,7 +87,10 @@ fn fixture_weights_come_from_the_right_files() {
     // Embedding and norms from trainable_params.bin, not from the base safetensors.
     let trainable = read_map(&fixture_adapter().join("trainable_params.bin"));
     let base = fixture_base_tensors();
-    for key in ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"] {
+    for key in [
+        "model.embed_tokens.weight",
+        "model.layers.0.input_layernorm.weight",
+    ] {
         assert_eq!(w[key], trainable[key], "{key}");
         assert_ne!(w[key], base[key], "{key} should differ from the base");
     }
@@ -184,7 +193,8 @@ fn heads_not_dividing_bottleneck_are_rejected() {
 #[test]
 fn sharded_f16_bin_base_equals_safetensors() {
     let (cfg_st, st) = read_base_dir(&fixture_base()).unwrap_or_else(|e| panic!("{e}"));
-    let (cfg_bin, bin) = read_base_dir(&corpus().join("base-bin-f16")).unwrap_or_else(|e| panic!("{e}"));
+    let (cfg_bin, bin) =
+        read_base_dir(&corpus().join("base-bin-f16")).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(cfg_st, cfg_bin);
     // rotary_emb.inv_freq buffers in the shards are skipped.
     assert_eq!(
@@ -227,8 +237,12 @@ fn bin_base_with_bf16_adapter_loads() {
         adapter.path().join("trainable_params.bin"),
     )
     .expect("copy trainable_params.bin");
-    let ck = load_checkpoint(&corpus().join("base-bin-f16"), Some(adapter.path()), &opts())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let ck = load_checkpoint(
+        &corpus().join("base-bin-f16"),
+        Some(adapter.path()),
+        &opts(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let reference = load_checkpoint(&fixture_base(), Some(&fixture_adapter()), &opts())
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(ck.config, reference.config);
@@ -253,11 +267,19 @@ fn legacy_torch_format_and_storage_offsets() {
         assert_eq!(full.shape, vec![6, 4], "{file}");
         let rows = &m["rows_2_to_4"];
         assert_eq!(rows.shape, vec![2, 4], "{file}");
-        assert_eq!(rows.data, full.data[8..16].to_vec(), "{file}: storage offset");
+        assert_eq!(
+            rows.data,
+            full.data[8..16].to_vec(),
+            "{file}: storage offset"
+        );
     }
-    let views = read_map(&corpus().join("views.bin"));
-    eprintln!("transposed: {:?} {:?}", views["transposed"].shape, &views["transposed"].data[..6]);
-    eprintln!("full: {:?}", &views["full"].data[..6]);
+    // Nested dicts give dotted names (read through burn-store's data path).
+    let nested = read_map(&corpus().join("nested.bin"));
+    assert_eq!(
+        nested["outer.full"],
+        read_map(&corpus().join("views.bin"))["full"]
+    );
+    assert_eq!(nested["outer.scalar"].data, vec![0.75]);
     let legacy = read_map(&corpus().join("legacy.bin"));
     assert_eq!(legacy["scalar"].shape, Vec::<usize>::new());
     assert_eq!(legacy["scalar"].data, vec![0.75]);

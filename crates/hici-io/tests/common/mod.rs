@@ -35,10 +35,8 @@ impl TempDir {
     pub fn new(tag: &str) -> Self {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-            "hici-io-{tag}-{}-{n}",
-            std::process::id()
-        ));
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("hici-io-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create temp dir");
         Self(dir)
@@ -125,10 +123,7 @@ pub fn adapter_copy(tag: &str) -> TempDir {
 
 /// Asserts `result` is an error whose Display contains every needle, and returns it.
 #[track_caller]
-pub fn expect_err<T>(
-    result: Result<T, hici_io::IoError>,
-    needles: &[&str],
-) -> hici_io::IoError {
+pub fn expect_err<T>(result: Result<T, hici_io::IoError>, needles: &[&str]) -> hici_io::IoError {
     let err = match result {
         Ok(_) => panic!("expected an error mentioning {needles:?}, got Ok"),
         Err(e) => e,

@@ -15,11 +15,13 @@ Files (all under crates/hici-io/tests/corpus/):
                      adapter_config.json (tests add the fixture's trainable_params.bin)
   legacy.bin         pre-1.6 (non-zip) torch.save format: f32 tensors, a 0-dim tensor and a
                      view with a storage offset
-  views.bin          zip format: a view with a storage offset and a transposed (non-contiguous)
-                     tensor
+  views.bin          zip format: a tensor and a view of it with a storage offset
+  transposed.bin     zip format: a tensor and its transpose (non-contiguous view, same storage)
+  nested.bin         zip format: tensors in a nested dict (keys `outer.full`, `outer.scalar`)
   small.bin          a small valid zip-format file (positive control for the two below)
   truncated.bin      the first half of small.bin
   corrupt_member.bin small.bin with bytes flipped inside a tensor's data member
+  missing_member.bin small.bin without that tensor's data member (otherwise a valid zip)
   evil.bin           a state dict whose pickle calls os.system (posix.system) next to a tensor
   evil_toplevel.bin  a pickle whose top-level object calls os.system
   trainable-unknown-key/trainable_params.bin   a tensor named like an MLP weight
@@ -138,6 +140,13 @@ def make_small_and_broken():
     for i in range(start + 16, start + 24):
         corrupt[i] ^= 0x5A
     (HERE / "corrupt_member.bin").write_bytes(bytes(corrupt))
+    # The same archive without the first tensor's storage member.
+    with zipfile.ZipFile(HERE / "small.bin") as src, zipfile.ZipFile(
+        HERE / "missing_member.bin", "w", zipfile.ZIP_STORED
+    ) as dst:
+        for i in src.infolist():
+            if i.filename != info.filename:
+                dst.writestr(i, src.read(i.filename))
 
 
 def make_legacy_and_views():
@@ -149,12 +158,9 @@ def make_legacy_and_views():
         "rows_2_to_4": big[2:4],
     }
     torch.save(legacy, HERE / "legacy.bin", _use_new_zipfile_serialization=False)
-    views = {
-        "full": big,
-        "rows_2_to_4": big[2:4],
-        "transposed": big.t(),
-    }
-    torch.save(views, HERE / "views.bin")
+    torch.save({"full": big, "rows_2_to_4": big[2:4]}, HERE / "views.bin")
+    torch.save({"full": big, "transposed": big.t()}, HERE / "transposed.bin")
+    torch.save({"outer": {"full": big, "scalar": torch.tensor(0.75)}}, HERE / "nested.bin")
 
 
 class Evil:

@@ -1,0 +1,123 @@
+//! Options shared by every command.
+
+use crate::backend::DeviceChoice;
+use clap::{Args, ValueEnum};
+use hici_model::{AttentionMode, DecodeCache, LoraMode};
+use std::path::PathBuf;
+
+/// `--mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Plain causal attention over all tokens, HiCI unused (the paper's perplexity tables).
+    Full,
+    /// SFT inference (Mode I): the prompt is one segment; decoding sees [G ; L ; tokens].
+    Hici,
+    /// Mode T: `--segments` equal segments sharing G (the pre-training forward).
+    HiciSegmented,
+    /// Mode T-SFT: segments by the SFT rule (one per 4096 multiple, else largest divisor).
+    HiciSft,
+}
+
+/// `--decode-cache`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DecodeCacheArg {
+    /// Keep [G ; L] in the decode cache, correct (head, slot) order (default).
+    Slots,
+    /// Keep only token K/V: decode steps see no slots.
+    Tokens,
+    /// The reference's scrambled slot order (to reproduce its outputs only).
+    Reference,
+}
+
+/// `--dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// `--lora`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LoraArg {
+    /// Merge `W + alpha/r B A` at load time (fastest).
+    Merged,
+    /// Keep the low-rank path at run time.
+    Unmerged,
+}
+
+/// Model options common to all commands.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Hugging Face Llama-2 base directory (config.json + safetensors or .bin shards).
+    /// Without --base/--model the embedded tiny test model is used.
+    #[arg(long, value_name = "DIR", global = true)]
+    pub base: Option<PathBuf>,
+    /// HiCI adapter directory (adapter_config.json, adapter_model.bin, trainable_params.bin,
+    /// tokenizer files).
+    #[arg(long, value_name = "DIR", global = true, requires = "base")]
+    pub adapter: Option<PathBuf>,
+    /// tokenizer.json (default: the adapter's, else the base's).
+    #[arg(long, value_name = "FILE", global = true)]
+    pub tokenizer: Option<PathBuf>,
+    /// Device to run on.
+    #[arg(long, default_value = "ndarray", value_name = "DEVICE", global = true)]
+    pub device: DeviceChoice,
+    /// Weight and activation precision.
+    #[arg(long, value_enum, default_value = "f32", global = true)]
+    pub dtype: DtypeArg,
+    /// Attention mode.
+    #[arg(long, value_enum, default_value = "hici", global = true)]
+    pub mode: ModeArg,
+    /// Segments for --mode hici-segmented (must divide the sequence length).
+    #[arg(long, default_value_t = 4, global = true)]
+    pub segments: usize,
+    /// What a Mode-I prefill keeps in the decode cache.
+    #[arg(long, value_enum, default_value = "slots", global = true)]
+    pub decode_cache: DecodeCacheArg,
+    /// HiCI LocalConstructor/GlobalIntegrator heads (not recoverable from the weights; 8 for the
+    /// released checkpoints).
+    #[arg(long, global = true)]
+    pub hici_heads: Option<usize>,
+    /// Linear RoPE factor (overrides config.json rope_scaling and --context-size).
+    #[arg(long, global = true)]
+    pub rope_scale: Option<f64>,
+    /// Intended context length for deriving the RoPE factor (default 16384 for a HiCI adapter).
+    #[arg(long, global = true)]
+    pub context_size: Option<usize>,
+    /// How LoRA is applied.
+    #[arg(long, value_enum, default_value = "merged", global = true)]
+    pub lora: LoraArg,
+    /// Machine-readable JSON on stdout (human text and progress go to stderr).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl ModelArgs {
+    /// The attention mode as the model's typed value.
+    pub fn attention_mode(&self) -> AttentionMode {
+        match self.mode {
+            ModeArg::Full => AttentionMode::Full,
+            ModeArg::Hici => AttentionMode::Inference,
+            ModeArg::HiciSegmented => AttentionMode::Segmented {
+                segments: self.segments,
+            },
+            ModeArg::HiciSft => AttentionMode::SftSegmented,
+        }
+    }
+
+    pub fn decode_cache(&self) -> DecodeCache {
+        match self.decode_cache {
+            DecodeCacheArg::Slots => DecodeCache::Slots,
+            DecodeCacheArg::Tokens => DecodeCache::Tokens,
+            DecodeCacheArg::Reference => DecodeCache::ReferenceScrambled,
+        }
+    }
+
+    pub fn lora_mode(&self) -> LoraMode {
+        match self.lora {
+            LoraArg::Merged => LoraMode::Merged,
+            LoraArg::Unmerged => LoraMode::Unmerged,
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! Device selection: only the backends compiled in are offered.
+
+use anyhow::Result;
+use std::fmt;
+use std::str::FromStr;
+
+/// A `--device` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// CPU through burn-ndarray (always compiled by default).
+    Ndarray,
+    /// wgpu (Vulkan / Metal / DX12), default adapter.
+    Wgpu,
+    /// CUDA device N.
+    Cuda(usize),
+}
+
+/// The backends this binary was built with.
+pub fn compiled_in() -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if cfg!(feature = "ndarray") {
+        v.push("ndarray");
+    }
+    if cfg!(feature = "wgpu") {
+        v.push("wgpu");
+    }
+    if cfg!(feature = "cuda") {
+        v.push("cuda[:N]");
+    }
+    v
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let avail = compiled_in().join(", ");
+        let choice = match s {
+            "ndarray" | "cpu" => DeviceChoice::Ndarray,
+            "wgpu" => DeviceChoice::Wgpu,
+            "cuda" => DeviceChoice::Cuda(0),
+            _ => match s.strip_prefix("cuda:") {
+                Some(n) => DeviceChoice::Cuda(
+                    n.parse()
+                        .map_err(|_| format!("bad CUDA device index `{n}` in `{s}`"))?,
+                ),
+                None => return Err(format!("unknown device `{s}` (compiled in: {avail})")),
+            },
+        };
+        let ok = match choice {
+            DeviceChoice::Ndarray => cfg!(feature = "ndarray"),
+            DeviceChoice::Wgpu => cfg!(feature = "wgpu"),
+            DeviceChoice::Cuda(_) => cfg!(feature = "cuda"),
+        };
+        if !ok {
+            return Err(format!(
+                "device `{s}` is not compiled into this binary (compiled in: {avail}; rebuild \
+                 with --features wgpu or --features cuda)"
+            ));
+        }
+        Ok(choice)
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceChoice::Ndarray => write!(f, "ndarray"),
+            DeviceChoice::Wgpu => write!(f, "wgpu"),
+            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Number of CUDA devices, or an error when the driver library is missing. burn panics when
+/// libcuda cannot be loaded; the probe catches that panic with a silent hook.
+#[cfg(feature = "cuda")]
+pub fn cuda_device_count() -> Result<usize> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(cudarc::driver::CudaContext::device_count);
+    std::panic::set_hook(hook);
+    match r {
+        Ok(Ok(n)) => Ok(n.max(0) as usize),
+        Ok(Err(e)) => anyhow::bail!("no CUDA device: {e:?}"),
+        Err(_) => {
+            anyhow::bail!("no CUDA device: the CUDA driver library (libcuda.so) was not found")
+        }
+    }
+}
+
+/// Checks a CUDA choice before any burn call touches the device.
+pub fn check_available(choice: DeviceChoice) -> Result<()> {
+    match choice {
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(i) => {
+            let n = cuda_device_count()?;
+            if i >= n {
+                anyhow::bail!("no CUDA device {i}: {n} device(s) found");
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Runs `$body` with `$B` bound to the backend type and `$dev` to its device.
+#[macro_export]
+macro_rules! with_backend {
+    ($choice:expr, |$B:ident, $dev:ident| $body:expr) => {{
+        match $choice {
+            #[cfg(feature = "ndarray")]
+            $crate::backend::DeviceChoice::Ndarray => {
+                type $B = burn::backend::NdArray<f32>;
+                let $dev = burn::backend::ndarray::NdArrayDevice::Cpu;
+                $body
+            }
+            #[cfg(feature = "wgpu")]
+            $crate::backend::DeviceChoice::Wgpu => {
+                type $B = burn::backend::Wgpu<f32, i32>;
+                let $dev = burn::backend::wgpu::WgpuDevice::DefaultDevice;
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            $crate::backend::DeviceChoice::Cuda(i) => {
+                type $B = burn::backend::Cuda<f32, i32>;
+                let $dev = burn::backend::cuda::CudaDevice::new(i);
+                $body
+            }
+            #[allow(unreachable_patterns)]
+            other => anyhow::bail!("device {other} is not compiled in"),
+        }
+    }};
+}

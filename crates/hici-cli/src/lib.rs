@@ -1,0 +1,106 @@
+//! The `hici` command line: generate, chat, perplexity and passkey retrieval with HiCI
+//! long-context models. The binary itself is the root package's `src/main.rs`.
+
+pub mod args;
+pub mod backend;
+mod cmd;
+pub mod embedded;
+pub mod load;
+
+use anyhow::Result;
+use args::ModelArgs;
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+/// Set by Ctrl-C; long loops poll it and stop cleanly.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+static PRESSES: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether the user pressed Ctrl-C.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hici",
+    version,
+    about = "HiCI long-context Llama-2 inference on burn",
+    long_about = "HiCI long-context Llama-2 inference on burn.\n\nWithout --base the commands \
+run on an embedded tiny test model (random weights), so everything works without a download. \
+For the released checkpoint pass --base <Llama-2-7b-hf dir> --adapter <Llama-2-7b-HiCI-16k-SFT dir>."
+)]
+struct Cli {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(cmd::generate::GenerateArgs),
+    /// Interactive multi-turn chat on the Llama-2 template (reads stdin; /reset; Ctrl-D quits).
+    Chat(cmd::chat::ChatArgs),
+    /// Sliding-window perplexity of a token stream or text file (PG-19 protocol).
+    Perplexity(cmd::perplexity::PerplexityArgs),
+    /// Passkey retrieval accuracy at given prompt lengths (reference protocol).
+    Passkey(cmd::passkey::PasskeyArgs),
+    /// Load a checkpoint and report what was found (files, notes, parameter counts, config).
+    Inspect(cmd::inspect::InspectArgs),
+    /// List the compiled-in backends and the devices found.
+    Devices,
+}
+
+/// Parses the command line, runs the command and maps the outcome to an exit code
+/// (0 ok, 1 error, 2 usage error, 130 interrupted).
+pub fn main_entry() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HICI_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let _ = ctrlc::set_handler(|| {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        if PRESSES.fetch_add(1, Ordering::SeqCst) >= 1 {
+            eprintln!("\ninterrupted");
+            std::process::exit(130);
+        }
+    });
+    match run(cli) {
+        Ok(()) if interrupted() => {
+            eprintln!("interrupted");
+            ExitCode::from(130)
+        }
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if interrupted() {
+                eprintln!("interrupted");
+                return ExitCode::from(130);
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let m = &cli.model;
+    if let Command::Devices = cli.command {
+        return cmd::devices::run(m);
+    }
+    backend::check_available(m.device)?;
+    with_backend!(m.device, |B, dev| match &cli.command {
+        Command::Generate(a) => cmd::generate::run::<B>(m, a, &dev),
+        Command::Chat(a) => cmd::chat::run::<B>(m, a, &dev),
+        Command::Perplexity(a) => cmd::perplexity::run::<B>(m, a, &dev),
+        Command::Passkey(a) => cmd::passkey::run::<B>(m, a, &dev),
+        Command::Inspect(a) => cmd::inspect::run::<B>(m, a, &dev),
+        Command::Devices => unreachable!("handled above"),
+    })
+}
