@@ -82,20 +82,20 @@ impl LlamaConfig {
                 "hidden_size, num_attention_heads and num_hidden_layers must be > 0".into(),
             );
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head dim {} must be even for RoPE",
                 self.head_dim()
             ));
         }
         let kv = self.kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {kv}",
                 self.num_attention_heads
@@ -176,13 +176,13 @@ impl HiciConfig {
         if self.local_slots == 0 || self.global_slots == 0 {
             return bad("HiCI local_slots and global_slots must be > 0".into());
         }
-        if self.lc_heads == 0 || self.bottleneck_dim % self.lc_heads != 0 {
+        if self.lc_heads == 0 || !self.bottleneck_dim.is_multiple_of(self.lc_heads) {
             return bad(format!(
                 "HiCI bottleneck dim {} is not divisible by the LocalConstructor heads {}",
                 self.bottleneck_dim, self.lc_heads
             ));
         }
-        if self.gi_heads == 0 || self.compress_dim % self.gi_heads != 0 {
+        if self.gi_heads == 0 || !self.compress_dim.is_multiple_of(self.gi_heads) {
             return bad(format!(
                 "HiCI compress dim {} is not divisible by the GlobalIntegrator heads {}",
                 self.compress_dim, self.gi_heads

@@ -66,6 +66,9 @@ pub struct LayerTrace<B: Backend> {
     pub global: Option<Tensor<B, 3>>,
 }
 
+/// Final hidden states `[b, S, H]`, the decode cache (if asked) and per-layer traces.
+type RunOutput<B> = (Tensor<B, 3>, Option<KvCache<B>>, Vec<LayerTrace<B>>);
+
 /// Llama-2 with HiCI in every attention layer.
 #[derive(Module, Debug)]
 pub struct HiciLlama<B: Backend> {
@@ -183,7 +186,7 @@ impl<B: Backend> HiciLlama<B> {
         mode: AttentionMode,
         cache_kind: Option<DecodeCache>,
         trace: bool,
-    ) -> Result<(Tensor<B, 3>, Option<KvCache<B>>, Vec<LayerTrace<B>>), ModelError> {
+    ) -> Result<RunOutput<B>, ModelError> {
         self.check_ids(&ids)?;
         let s = ids.dims()[1];
         let segments = match mode.segment_rule() {

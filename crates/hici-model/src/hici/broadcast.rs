@@ -30,7 +30,7 @@ pub fn segment_count(len: usize, rule: SegmentRule) -> Result<usize, ModelError>
             if n == 0 {
                 return Err(ModelError::Config("number of segments must be > 0".into()));
             }
-            if len % n != 0 {
+            if !len.is_multiple_of(n) {
                 return Err(ModelError::SegmentsDoNotDivide { len, segments: n });
             }
             Ok(n)
@@ -41,10 +41,13 @@ pub fn segment_count(len: usize, rule: SegmentRule) -> Result<usize, ModelError>
 
 /// Segment length `T` of the SFT rule (spec §4.3).
 pub fn sft_segment_len(len: usize) -> usize {
-    if len % 4096 == 0 || len < 20 {
+    if len.is_multiple_of(4096) || len < 20 {
         return len;
     }
-    (10..=len / 2).rev().find(|d| len % d == 0).unwrap_or(len)
+    (10..=len / 2)
+        .rev()
+        .find(|&d| len.is_multiple_of(d))
+        .unwrap_or(len)
 }
 
 /// Builds each segment's slot prefix `[G ; L_n]`.
