@@ -325,3 +325,11 @@ fn out_of_range_token_is_a_typed_error() {
     assert!(matches!(err, ModelError::Input(_)), "{err}");
     assert!(err.to_string().contains("512"));
 }
+
+#[test]
+fn half_precision_is_refused_on_ndarray() {
+    let err = load_model(LoraMode::Merged)
+        .with_dtype(burn::tensor::DType::BF16)
+        .unwrap_err();
+    assert!(err.to_string().contains("BF16"), "{err}");
+}

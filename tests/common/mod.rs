@@ -70,6 +70,14 @@ pub fn summary() -> serde_json::Value {
 
 /// Loads the fixture through the real importer (HiCI heads 4, as the fixture was made).
 pub fn load_model(mode: LoraMode) -> HiciLlama<B> {
+    load_model_on::<B>(mode, &Default::default())
+}
+
+/// [`load_model`] on any backend.
+pub fn load_model_on<Bk: burn::tensor::backend::Backend>(
+    mode: LoraMode,
+    device: &Bk::Device,
+) -> HiciLlama<Bk> {
     let opts = LoadOptions {
         hici_heads: 4,
         ..LoadOptions::default()
@@ -78,9 +86,8 @@ pub fn load_model(mode: LoraMode) -> HiciLlama<B> {
     let ck =
         load_checkpoint(&fx.join("base"), Some(&fx.join("adapter")), &opts).expect("fixture loads");
     let mut weights = ck.weights;
-    let model =
-        HiciLlama::<B>::from_weights(&ck.config, ck.lora, mode, &mut weights, &Default::default())
-            .expect("model builds");
+    let model = HiciLlama::<Bk>::from_weights(&ck.config, ck.lora, mode, &mut weights, device)
+        .expect("model builds");
     assert!(
         weights.is_empty(),
         "unused weights: {:?}",
@@ -91,9 +98,17 @@ pub fn load_model(mode: LoraMode) -> HiciLlama<B> {
 
 /// `[1, n]` int tensor.
 pub fn ids_tensor(ids: &[i64]) -> burn::tensor::Tensor<B, 2, burn::tensor::Int> {
+    ids_tensor_on::<B>(ids, &Default::default())
+}
+
+/// `[1, n]` int tensor on any backend.
+pub fn ids_tensor_on<Bk: burn::tensor::backend::Backend>(
+    ids: &[i64],
+    device: &Bk::Device,
+) -> burn::tensor::Tensor<Bk, 2, burn::tensor::Int> {
     burn::tensor::Tensor::from_data(
         burn::tensor::TensorData::new(ids.to_vec(), [1, ids.len()]),
-        &Default::default(),
+        device,
     )
 }
 

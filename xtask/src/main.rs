@@ -36,10 +36,161 @@ fn ci() -> bool {
         ])
 }
 
+/// Builds the release binary with cuda + wgpu and gathers what a GPU machine without a Rust
+/// toolchain needs into `gpu-bundle/`: the binary, `scripts/gpu-check.sh` and the tiny fixture.
+fn gpu_bundle() -> bool {
+    if !cargo(&[
+        "build",
+        "--release",
+        "--features",
+        CI_FEATURES,
+        "--bin",
+        "hici",
+    ]) {
+        return false;
+    }
+    let out = std::path::Path::new("gpu-bundle");
+    let copy = || -> std::io::Result<()> {
+        if out.exists() {
+            std::fs::remove_dir_all(out)?;
+        }
+        std::fs::create_dir_all(out)?;
+        std::fs::copy("target/release/hici", out.join("hici"))?;
+        std::fs::copy("scripts/gpu-check.sh", out.join("gpu-check.sh"))?;
+        copy_dir(
+            std::path::Path::new("tests/fixtures/tiny-hici-a"),
+            &out.join("tiny-hici-a"),
+        )
+    };
+    match copy() {
+        Ok(()) => {
+            eprintln!("gpu-bundle/ ready: copy it to the GPU machine and run ./gpu-check.sh");
+            true
+        }
+        Err(e) => {
+            eprintln!("gpu-bundle: {e}");
+            false
+        }
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+/// The cargo-fuzz targets in `fuzz/` (hici-io's readers) and their seed directories.
+const FUZZ_TARGETS: [(&str, &[&str]); 3] = [
+    (
+        "safetensors_reader",
+        &["fuzz/seeds/safetensors", "fuzz/seeds/converted"],
+    ),
+    ("pytorch_reader", &["crates/hici-io/tests/corpus"]),
+    (
+        "converted_reader",
+        &["fuzz/seeds/converted", "fuzz/seeds/safetensors"],
+    ),
+];
+
+/// `cargo xtask fuzz [SECONDS]`: every fuzz target for SECONDS (default 60) with cargo-fuzz.
+/// libFuzzer and the address sanitizer need nightly: rustup's nightly toolchain when it has
+/// one, else this toolchain with RUSTC_BOOTSTRAP=1. New inputs go to `fuzz/corpus/<target>/`,
+/// crashes to `fuzz/artifacts/<target>/` (both git-ignored).
+fn fuzz(seconds: u64) -> bool {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_path_buf();
+    let works = |cmd: &str, args: &[&str]| {
+        Command::new(cmd)
+            .args(args)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    if !works("cargo", &["fuzz", "--version"]) {
+        eprintln!("cargo-fuzz is not installed: cargo install cargo-fuzz");
+        return false;
+    }
+    let nightly = works("rustup", &["run", "nightly", "rustc", "--version"]);
+    let mut ok = true;
+    for (target, seeds) in FUZZ_TARGETS {
+        let corpus = format!("fuzz/corpus/{target}");
+        if let Err(e) = std::fs::create_dir_all(root.join(&corpus)) {
+            eprintln!("{corpus}: {e}");
+            return false;
+        }
+        let mut cmd = if nightly {
+            let mut c = Command::new("rustup");
+            c.args(["run", "nightly", "cargo"]);
+            c
+        } else {
+            let mut c = Command::new("cargo");
+            c.env("RUSTC_BOOTSTRAP", "1");
+            c
+        };
+        // Do not inherit the outer `cargo run`'s toolchain choice.
+        for var in [
+            "RUSTUP_TOOLCHAIN",
+            "RUSTC",
+            "RUSTDOC",
+            "CARGO",
+            "RUSTC_WRAPPER",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.current_dir(&root)
+            .args(["fuzz", "run", target, &corpus])
+            .args(seeds)
+            .args([
+                "--",
+                &format!("-max_total_time={seconds}"),
+                "-rss_limit_mb=4096",
+                "-timeout=20",
+                "-print_final_stats=1",
+            ]);
+        eprintln!(
+            "+ cargo fuzz run {target} {corpus} {} ({seconds} s{})",
+            seeds.join(" "),
+            if nightly {
+                ", nightly"
+            } else {
+                ", RUSTC_BOOTSTRAP=1"
+            }
+        );
+        match cmd.status() {
+            Ok(s) if s.success() => eprintln!("fuzz {target}: no failure in {seconds} s"),
+            _ => {
+                eprintln!("fuzz {target}: FAILED (inputs under fuzz/artifacts/{target}/)");
+                ok = false;
+            }
+        }
+    }
+    ok
+}
+
 fn main() -> ExitCode {
     let task = std::env::args().nth(1).unwrap_or_default();
     let ok = match task.as_str() {
+        "fuzz" => match std::env::args().nth(2).map(|s| s.parse::<u64>()) {
+            None => fuzz(60),
+            Some(Ok(secs)) => fuzz(secs),
+            Some(Err(_)) => {
+                eprintln!("usage: cargo xtask fuzz [SECONDS per target, default 60]");
+                return ExitCode::from(2);
+            }
+        },
         "ci" => ci(),
+        "gpu-bundle" => gpu_bundle(),
         "test" => cargo(&[
             "test",
             "--release",
@@ -50,7 +201,9 @@ fn main() -> ExitCode {
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n  ci     fmt --check, clippy -D warnings, tests \
-                 (release profile, features {CI_FEATURES})\n  test   the tests only"
+                 (release profile, features {CI_FEATURES})\n  test   the tests only\n  \
+                 fuzz [SECONDS]  cargo-fuzz targets of hici-io's readers, SECONDS each (60)\n  \
+                 gpu-bundle  release binary + scripts/gpu-check.sh + fixture in gpu-bundle/"
             );
             return ExitCode::from(2);
         }

@@ -2,7 +2,7 @@
 
 use crate::backend::DeviceChoice;
 use clap::{Args, ValueEnum};
-use hici_model::{AttentionMode, DecodeCache, LoraMode};
+use hici_model::{AttentionKernel, AttentionMode, DecodeCache, LoraMode};
 use std::path::PathBuf;
 
 /// `--mode`.
@@ -37,6 +37,17 @@ pub enum DtypeArg {
     Bf16,
 }
 
+/// `--attention`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AttentionArg {
+    /// `flash` on CUDA, `exact` elsewhere.
+    Auto,
+    /// Exact softmax attention computed in f32 (parity path).
+    Exact,
+    /// Let wgpu/CUDA pick flash kernels (f16 tiles, ~1e-3 abs error on logits).
+    Flash,
+}
+
 /// `--lora`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LoraArg {
@@ -57,6 +68,9 @@ pub struct ModelArgs {
     /// tokenizer files).
     #[arg(long, value_name = "DIR", global = true, requires = "base")]
     pub adapter: Option<PathBuf>,
+    /// A single-file model written by `hici import` (instead of --base/--adapter).
+    #[arg(long, value_name = "FILE", global = true, conflicts_with_all = ["base", "adapter"])]
+    pub model: Option<PathBuf>,
     /// tokenizer.json (default: the adapter's, else the base's).
     #[arg(long, value_name = "FILE", global = true)]
     pub tokenizer: Option<PathBuf>,
@@ -85,6 +99,9 @@ pub struct ModelArgs {
     /// Intended context length for deriving the RoPE factor (default 16384 for a HiCI adapter).
     #[arg(long, global = true)]
     pub context_size: Option<usize>,
+    /// Attention kernel choice.
+    #[arg(long, value_enum, default_value = "auto", global = true)]
+    pub attention: AttentionArg,
     /// How LoRA is applied.
     #[arg(long, value_enum, default_value = "merged", global = true)]
     pub lora: LoraArg,
@@ -111,6 +128,15 @@ impl ModelArgs {
             DecodeCacheArg::Slots => DecodeCache::Slots,
             DecodeCacheArg::Tokens => DecodeCache::Tokens,
             DecodeCacheArg::Reference => DecodeCache::ReferenceScrambled,
+        }
+    }
+
+    pub fn attention_kernel(&self) -> AttentionKernel {
+        match (self.attention, self.device) {
+            (AttentionArg::Exact, _) => AttentionKernel::Exact,
+            (AttentionArg::Flash, _) => AttentionKernel::Flash,
+            (AttentionArg::Auto, DeviceChoice::Cuda(_)) => AttentionKernel::Flash,
+            (AttentionArg::Auto, _) => AttentionKernel::Exact,
         }
     }
 

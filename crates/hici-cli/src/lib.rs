@@ -22,6 +22,19 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
+/// Partial files (e.g. `hici import`'s temporary output) to delete when a second Ctrl-C exits
+/// at once, without unwinding.
+pub static REMOVE_ON_EXIT: std::sync::Mutex<Vec<std::path::PathBuf>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn remove_on_exit_files() {
+    if let Ok(files) = REMOVE_ON_EXIT.lock() {
+        for f in files.iter() {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "hici",
@@ -48,8 +61,16 @@ enum Command {
     Perplexity(cmd::perplexity::PerplexityArgs),
     /// Passkey retrieval accuracy at given prompt lengths (reference protocol).
     Passkey(cmd::passkey::PasskeyArgs),
-    /// Load a checkpoint and report what was found (files, notes, parameter counts, config).
+    /// Validate a checkpoint: every expected tensor, unexpected/missing ones, parameter counts
+    /// per group (vs the spec for 7B), RoPE factor, vocab resize, and a logits checksum.
     Inspect(cmd::inspect::InspectArgs),
+    /// Convert --base/--adapter (or the embedded model) once into a single file for --model.
+    Import(cmd::import::ImportArgs),
+    /// Prefill/decode throughput, time to first token and peak memory (llama-bench style).
+    Bench(cmd::bench::BenchArgs),
+    /// Check the model on this device against a fixture's reference outputs
+    /// (e.g. `hici parity --fixture tests/fixtures/tiny-hici-a --device cuda`).
+    Parity(cmd::parity::ParityArgs),
     /// List the compiled-in backends and the devices found.
     Devices,
 }
@@ -68,6 +89,7 @@ pub fn main_entry() -> ExitCode {
     let _ = ctrlc::set_handler(|| {
         INTERRUPTED.store(true, Ordering::SeqCst);
         if PRESSES.fetch_add(1, Ordering::SeqCst) >= 1 {
+            remove_on_exit_files();
             eprintln!("\ninterrupted");
             std::process::exit(130);
         }
@@ -94,6 +116,9 @@ fn run(cli: Cli) -> Result<()> {
     if let Command::Devices = cli.command {
         return cmd::devices::run(m);
     }
+    if let Command::Import(a) = &cli.command {
+        return cmd::import::run(m, a);
+    }
     backend::check_available(m.device)?;
     with_backend!(m.device, |B, dev| match &cli.command {
         Command::Generate(a) => cmd::generate::run::<B>(m, a, &dev),
@@ -101,6 +126,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Perplexity(a) => cmd::perplexity::run::<B>(m, a, &dev),
         Command::Passkey(a) => cmd::passkey::run::<B>(m, a, &dev),
         Command::Inspect(a) => cmd::inspect::run::<B>(m, a, &dev),
-        Command::Devices => unreachable!("handled above"),
+        Command::Bench(a) => cmd::bench::run::<B>(m, a, &dev),
+        Command::Parity(a) => cmd::parity::run::<B>(m, a, &dev),
+        Command::Devices | Command::Import(_) => unreachable!("handled above"),
     })
 }

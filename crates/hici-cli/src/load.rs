@@ -4,11 +4,12 @@ use crate::args::{DtypeArg, ModelArgs};
 use crate::embedded;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
-use hici_io::{load_checkpoint, LoadOptions};
+use burn::tensor::DType;
+use hici_io::{load_checkpoint, load_converted, Checkpoint, LoadOptions, LoadReport};
 use hici_model::HiciLlama;
 use hici_runtime::tokenizer::HiciTokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// A model ready to run.
@@ -18,6 +19,8 @@ pub struct Loaded<B: Backend> {
     /// Longest prompt + generation the RoPE setting was made for.
     pub max_context: usize,
     pub embedded: bool,
+    /// Files read and the loader's notes (RoPE factor source, vocab resize, ...).
+    pub report: LoadReport,
 }
 
 fn spinner(msg: &str, quiet: bool) -> ProgressBar {
@@ -33,40 +36,9 @@ fn spinner(msg: &str, quiet: bool) -> ProgressBar {
 
 /// Loads the model named by `args` (or the embedded one) onto `device`.
 pub fn load<B: Backend>(args: &ModelArgs, device: &B::Device) -> Result<Loaded<B>> {
-    if args.dtype != DtypeArg::F32 {
-        let name = clap::ValueEnum::to_possible_value(&args.dtype)
-            .map(|v| v.get_name().to_string())
-            .unwrap_or_default();
-        bail!(
-            "--dtype {name} is not supported yet: this build runs f32 only (half precision on GPU \
-             backends is planned)"
-        );
-    }
-    let (base, adapter, embedded) = match &args.base {
-        Some(b) => (b.clone(), args.adapter.clone(), false),
-        None => {
-            let (b, a) = embedded::materialise()?;
-            eprintln!(
-                "note: no --base given; using the embedded tiny test model (random weights, \
-                 output is meaningless)"
-            );
-            (b, Some(a), true)
-        }
-    };
-    let heads = args.hici_heads.unwrap_or(if embedded {
-        embedded::EMBEDDED_HICI_HEADS
-    } else {
-        8
-    });
-    let opts = LoadOptions {
-        hici_heads: heads,
-        gi_heads: None,
-        rope_factor: args.rope_scale,
-        context_size: args.context_size,
-    };
     let pb = spinner("loading checkpoint", false);
-    let ck = load_checkpoint(&base, adapter.as_deref(), &opts)
-        .with_context(|| format!("loading {}", base.display()))?;
+    let src = read_checkpoint(args)?;
+    let (ck, embedded) = (src.checkpoint, src.embedded);
     for note in &ck.report.notes {
         tracing::info!("{note}");
     }
@@ -83,15 +55,30 @@ pub fn load<B: Backend>(args: &ModelArgs, device: &B::Device) -> Result<Loaded<B
             names.join(", ")
         );
     }
+    if args.dtype != DtypeArg::F32 && args.device == crate::backend::DeviceChoice::Wgpu {
+        bail!(
+            "--dtype {} is not supported on wgpu yet: burn 0.21's fusion engine crashes on \
+             half-precision decoding there; use --dtype f32 (half precision: --device cuda)",
+            dtype_name(args.dtype)
+        );
+    }
+    let dtype = match args.dtype {
+        DtypeArg::F32 => DType::F32,
+        DtypeArg::F16 => DType::F16,
+        DtypeArg::Bf16 => DType::BF16,
+    };
+    let model = model
+        .with_dtype(dtype)
+        .with_context(|| {
+            format!(
+                "--dtype {} on --device {}",
+                dtype_name(args.dtype),
+                args.device
+            )
+        })?
+        .with_attention_kernel(args.attention_kernel());
     pb.finish_and_clear();
-    let tok_path: Option<PathBuf> = args.tokenizer.clone().or_else(|| {
-        let mut cands = Vec::new();
-        if let Some(a) = &adapter {
-            cands.push(a.join("tokenizer.json"));
-        }
-        cands.push(base.join("tokenizer.json"));
-        cands.into_iter().find(|p| p.is_file())
-    });
+    let tok_path: Option<PathBuf> = args.tokenizer.clone().or(src.tokenizer);
     let tokenizer = match tok_path {
         Some(p) => Some(HiciTokenizer::from_file(&p)?),
         None => None,
@@ -103,5 +90,156 @@ pub fn load<B: Backend>(args: &ModelArgs, device: &B::Device) -> Result<Loaded<B
         tokenizer,
         max_context,
         embedded,
+        report: ck.report,
     })
+}
+
+fn dtype_name(d: DtypeArg) -> String {
+    clap::ValueEnum::to_possible_value(&d)
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
+/// Where the model comes from, as the options say.
+pub enum ModelSource {
+    /// An HF base directory and optional adapter directory (`embedded`: the built-in tiny
+    /// model, materialised to a cache directory).
+    Dirs {
+        base: PathBuf,
+        adapter: Option<PathBuf>,
+        opts: LoadOptions,
+        embedded: bool,
+    },
+    /// A file written by `hici import` (`--model`).
+    Converted(PathBuf),
+}
+
+/// `--model`, else `--base`/`--adapter`, else the embedded model (with a note on stderr).
+pub fn model_source(args: &ModelArgs) -> Result<ModelSource> {
+    if let Some(file) = &args.model {
+        return Ok(ModelSource::Converted(file.clone()));
+    }
+    let (base, adapter, embedded) = match &args.base {
+        Some(b) => (b.clone(), args.adapter.clone(), false),
+        None => {
+            let (b, a) = embedded::materialise()?;
+            static NOTED: std::sync::Once = std::sync::Once::new();
+            NOTED.call_once(|| {
+                eprintln!(
+                    "note: no --base given; using the embedded tiny test model (random weights, \
+                     output is meaningless)"
+                )
+            });
+            (b, Some(a), true)
+        }
+    };
+    let heads = args.hici_heads.unwrap_or(if embedded {
+        embedded::EMBEDDED_HICI_HEADS
+    } else {
+        8
+    });
+    let opts = LoadOptions {
+        hici_heads: heads,
+        gi_heads: None,
+        rope_factor: args.rope_scale,
+        context_size: args.context_size,
+    };
+    Ok(ModelSource::Dirs {
+        base,
+        adapter,
+        opts,
+        embedded,
+    })
+}
+
+/// `tokenizer.json` of the adapter directory, else of the base directory.
+pub fn tokenizer_in_dirs(base: &Path, adapter: Option<&Path>) -> Option<PathBuf> {
+    adapter
+        .map(|a| a.join("tokenizer.json"))
+        .into_iter()
+        .chain(std::iter::once(base.join("tokenizer.json")))
+        .find(|p| p.is_file())
+}
+
+/// A checkpoint in memory and its tokenizer file, if any.
+pub struct CheckpointSource {
+    pub checkpoint: Checkpoint,
+    pub tokenizer: Option<PathBuf>,
+    pub embedded: bool,
+}
+
+/// Reads the checkpoint the options name (all tensors f32 in host memory).
+pub fn read_checkpoint(args: &ModelArgs) -> Result<CheckpointSource> {
+    match model_source(args)? {
+        ModelSource::Dirs {
+            base,
+            adapter,
+            opts,
+            embedded,
+        } => {
+            let checkpoint = load_checkpoint(&base, adapter.as_deref(), &opts)
+                .with_context(|| format!("loading {}", base.display()))?;
+            Ok(CheckpointSource {
+                checkpoint,
+                tokenizer: tokenizer_in_dirs(&base, adapter.as_deref()),
+                embedded,
+            })
+        }
+        ModelSource::Converted(path) => {
+            let info = hici_io::converted::converted_info(&path)
+                .with_context(|| format!("loading {}", path.display()))?;
+            let mut checkpoint =
+                load_converted(&path).with_context(|| format!("loading {}", path.display()))?;
+            let cfg = &mut checkpoint.config;
+            if let Some(s) = args.rope_scale {
+                checkpoint.report.notes.push(format!(
+                    "RoPE linear factor {s} (explicit override; the file says {})",
+                    cfg.rope_factor
+                ));
+                cfg.rope_factor = s;
+            }
+            if let (Some(h), Some(hici)) = (args.hici_heads, cfg.hici.as_mut()) {
+                hici.lc_heads = h;
+                hici.gi_heads = h;
+            }
+            if args.context_size.is_some() && args.rope_scale.is_none() {
+                eprintln!(
+                    "note: --context-size is ignored with --model (the RoPE factor {} was \
+                     resolved at import; use --rope-scale to override it)",
+                    cfg.rope_factor
+                );
+            }
+            cfg.validate().context("--hici-heads / --rope-scale")?;
+            let tokenizer = match &info.tokenizer_json {
+                Some(text) => Some(cache_tokenizer(text)?),
+                None => None,
+            };
+            Ok(CheckpointSource {
+                checkpoint,
+                tokenizer,
+                embedded: false,
+            })
+        }
+    }
+}
+
+/// Writes a `tokenizer.json` embedded in a converted file to a content-addressed file in the
+/// temp directory (the tokenizer library reads files) and returns its path.
+fn cache_tokenizer(text: &str) -> Result<PathBuf> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    let path = std::env::temp_dir().join(format!(
+        "hici-tokenizer-{:016x}-{}.json",
+        h.finish(),
+        text.len()
+    ));
+    if std::fs::read(&path).is_ok_and(|b| b == text.as_bytes()) {
+        return Ok(path);
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("writing the embedded tokenizer to {}", path.display()))?;
+    Ok(path)
 }

@@ -85,6 +85,12 @@ pub enum IoError {
     /// A PEFT adapter this loader does not support, or whose tensors contradict its config.
     #[error("adapter {}: {msg}", path.display())]
     Adapter { path: PathBuf, msg: String },
+    /// A converted single-file model (`hici import`) that is not valid.
+    #[error("{}: {msg}", path.display())]
+    Converted { path: PathBuf, msg: String },
+    /// Writing stopped on request (Ctrl-C); nothing was left behind.
+    #[error("interrupted")]
+    Interrupted,
     /// The resulting configuration is rejected by the model crate.
     #[error(transparent)]
     Model(#[from] ModelError),

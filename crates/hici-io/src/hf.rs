@@ -5,8 +5,8 @@
 //! each shard it lists is read once and the index's `weight_map` must describe exactly the
 //! tensors the shards hold. Non-parameter `*.rotary_emb.inv_freq` buffers are skipped.
 
+use crate::catalog::{Catalog, MetaMap};
 use crate::error::IoError;
-use crate::tensor_file::read_finite_tensor_file;
 use hici_model::config::LlamaConfig;
 use hici_model::weights::WeightMap;
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,15 +21,16 @@ const WEIGHT_FILES: [(&str, bool); 4] = [
     ("pytorch_model.bin", false),
 ];
 
-/// A base directory as read, with where each tensor came from.
+/// A base directory as indexed (no tensor data read yet).
 #[derive(Debug)]
 pub(crate) struct BaseDir {
     pub config: LlamaConfig,
-    pub weights: WeightMap,
-    /// Tensor name -> file it was read from.
-    pub origin: BTreeMap<String, PathBuf>,
+    /// Every tensor of the weight files but the ignored buffers.
+    pub tensors: MetaMap,
     /// Every file read, in order.
     pub files: Vec<PathBuf>,
+    /// Skipped non-parameter buffers: (name, file).
+    pub ignored: Vec<(String, PathBuf)>,
 }
 
 /// Non-parameter buffers some HF `.bin` saves contain; they are recomputed, never loaded.
@@ -61,12 +62,30 @@ pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value, IoError> {
 /// `local_constructor` / `global_integrator` tensors are accepted, for already-merged
 /// checkpoints), and NaN/Inf values are rejected.
 pub fn read_base_dir(dir: &Path) -> Result<(LlamaConfig, WeightMap), IoError> {
-    let base = read_base(dir)?;
-    Ok((base.config, base.weights))
+    let mut catalog = Catalog::default();
+    let base = index_base(dir, &mut catalog)?;
+    let weights = catalog.read_all(&base.tensors)?;
+    Ok((base.config, weights))
 }
 
-/// [`read_base_dir`] keeping the file of each tensor and the list of files read.
-pub(crate) fn read_base(dir: &Path) -> Result<BaseDir, IoError> {
+/// Indexes a base directory and checks names and shapes against its config.
+pub(crate) fn index_base(dir: &Path, catalog: &mut Catalog) -> Result<BaseDir, IoError> {
+    let base = index_base_files(dir, catalog)?;
+    check_base_shapes(dir, &base)?;
+    let params: usize = base.tensors.values().map(|t| t.numel()).sum();
+    info!(
+        "base {}: {} tensors, {} parameters in {} weight file(s)",
+        dir.display(),
+        base.tensors.len(),
+        params,
+        base.files.len() - 1
+    );
+    Ok(base)
+}
+
+/// Reads `config.json` and indexes the weight files (single or sharded; the index must match
+/// the shards), without checking tensor names or shapes against the config.
+pub(crate) fn index_base_files(dir: &Path, catalog: &mut Catalog) -> Result<BaseDir, IoError> {
     require_dir(dir)?;
     let config_path = dir.join("config.json");
     if !config_path.is_file() {
@@ -80,9 +99,9 @@ pub(crate) fn read_base(dir: &Path) -> Result<BaseDir, IoError> {
     })?;
     let mut base = BaseDir {
         config,
-        weights: WeightMap::new(),
-        origin: BTreeMap::new(),
+        tensors: MetaMap::new(),
         files: vec![config_path],
+        ignored: Vec::new(),
     };
 
     let Some((name, is_index)) = WEIGHT_FILES
@@ -96,51 +115,44 @@ pub(crate) fn read_base(dir: &Path) -> Result<BaseDir, IoError> {
         });
     };
     if is_index {
-        read_sharded(dir, &dir.join(name), &mut base)?;
+        index_sharded(dir, &dir.join(name), &mut base, catalog)?;
     } else {
         let file = dir.join(name);
-        add_file(&file, &mut base, |_| Ok(()))?;
+        add_file(&file, &mut base, catalog, |_| Ok(()))?;
     }
-    check_base_shapes(dir, &base)?;
-    let params: usize = base.weights.values().map(|t| t.numel()).sum();
-    info!(
-        "base {}: {} tensors, {} parameters from {} weight file(s)",
-        dir.display(),
-        base.weights.len(),
-        params,
-        base.files.len() - 1
-    );
     Ok(base)
 }
 
-/// Reads one weight file into `base`, calling `accept(key)` on every kept tensor first.
+/// Indexes one weight file into `base`, calling `accept(key)` on every kept tensor first.
 fn add_file(
     file: &Path,
     base: &mut BaseDir,
+    catalog: &mut Catalog,
     accept: impl Fn(&str) -> Result<(), IoError>,
 ) -> Result<(), IoError> {
-    let tensors = read_finite_tensor_file(file)?;
+    let id = catalog.open(file)?;
     let mut skipped = 0usize;
-    let count = tensors.len();
-    for (key, t) in tensors {
-        if is_ignored_buffer(&key) {
+    let mut count = 0usize;
+    for (key, meta) in catalog.metas(id) {
+        count += 1;
+        if is_ignored_buffer(key) {
             skipped += 1;
+            base.ignored.push((key.to_string(), file.to_path_buf()));
             continue;
         }
-        accept(&key)?;
-        if base.weights.contains_key(&key) {
+        accept(key)?;
+        if base.tensors.contains_key(key) {
             // The same tensor in two shards.
-            return Err(IoError::unexpected(&key, file));
+            return Err(IoError::unexpected(key, file));
         }
-        base.origin.insert(key.clone(), file.to_path_buf());
-        base.weights.insert(key, t);
+        base.tensors.insert(key.to_string(), meta);
     }
     info!(
-        "read {} tensors from {}{}",
+        "indexed {} tensors in {}{}",
         count - skipped,
         file.display(),
         if skipped > 0 {
-            format!(" (skipped {skipped} rotary_emb.inv_freq buffers)")
+            format!(" (skipping {skipped} rotary_emb.inv_freq buffers)")
         } else {
             String::new()
         }
@@ -149,8 +161,13 @@ fn add_file(
     Ok(())
 }
 
-/// Reads the shards listed by an HF index file and checks the index against their contents.
-fn read_sharded(dir: &Path, index_path: &Path, base: &mut BaseDir) -> Result<(), IoError> {
+/// Indexes the shards listed by an HF index file and checks the index against their contents.
+fn index_sharded(
+    dir: &Path,
+    index_path: &Path,
+    base: &mut BaseDir,
+    catalog: &mut Catalog,
+) -> Result<(), IoError> {
     let bad = |msg: String| IoError::Json {
         path: index_path.to_path_buf(),
         msg,
@@ -181,13 +198,13 @@ fn read_sharded(dir: &Path, index_path: &Path, base: &mut BaseDir) -> Result<(),
     let shards: BTreeSet<&String> = weight_map.values().collect();
     for shard in shards {
         let file = dir.join(shard);
-        add_file(&file, base, |key| match weight_map.get(key) {
+        add_file(&file, base, catalog, |key| match weight_map.get(key) {
             Some(listed) if listed == shard => Ok(()),
             _ => Err(IoError::unexpected(key, &file)),
         })?;
     }
     for (key, shard) in &weight_map {
-        if !is_ignored_buffer(key) && !base.weights.contains_key(key) {
+        if !is_ignored_buffer(key) && !base.tensors.contains_key(key) {
             return Err(IoError::missing(key, &dir.join(shard)));
         }
     }
@@ -261,19 +278,18 @@ pub(crate) fn required_base_keys(cfg: &LlamaConfig) -> Vec<String> {
 
 /// Checks names and shapes of the base tensors against the config.
 fn check_base_shapes(dir: &Path, base: &BaseDir) -> Result<(), IoError> {
-    let file_of = |key: &str| base.origin.get(key).cloned().unwrap_or(dir.to_path_buf());
-    for (key, t) in &base.weights {
+    for (key, t) in &base.tensors {
         if is_hici_key(key) {
             continue; // checked with the HiCI configuration in `checkpoint`
         }
         let expected = expected_base_shape(&base.config, key)
-            .ok_or_else(|| IoError::unexpected(key, &file_of(key)))?;
+            .ok_or_else(|| IoError::unexpected(key, &t.file))?;
         if t.shape != expected {
-            return Err(IoError::shape(key, &file_of(key), &expected, &t.shape));
+            return Err(IoError::shape(key, &t.file, &expected, &t.shape));
         }
     }
     for key in required_base_keys(&base.config) {
-        if !base.weights.contains_key(&key) {
+        if !base.tensors.contains_key(&key) {
             return Err(IoError::missing(&key, dir));
         }
     }

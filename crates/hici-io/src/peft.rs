@@ -4,9 +4,9 @@
 //! that change the math (`fan_in_fan_out`, rsLoRA, DoRA, biases, per-module ranks) are refused
 //! rather than silently ignored.
 
+use crate::catalog::{Catalog, MetaMap};
 use crate::error::IoError;
 use crate::hf::{parse_layer, read_json, require_dir};
-use crate::tensor_file::read_finite_tensor_file;
 use hici_model::config::LoraConfig;
 use hici_model::weights::WeightMap;
 use serde_json::Value;
@@ -161,19 +161,27 @@ pub(crate) fn find_adapter_weights(dir: &Path) -> Option<PathBuf> {
 /// for `lora.r` (else [`IoError::Adapter`]); A and B must come in pairs (else
 /// [`IoError::MissingKey`]).
 pub fn read_adapter_weights(dir: &Path, lora: &LoraConfig) -> Result<WeightMap, IoError> {
-    Ok(read_adapter(dir, lora)?.1)
+    let mut catalog = Catalog::default();
+    let (_, metas) = index_adapter(dir, lora, &mut catalog)?;
+    catalog.read_all(&metas)
 }
 
-/// [`read_adapter_weights`] also returning the file read.
-pub(crate) fn read_adapter(dir: &Path, lora: &LoraConfig) -> Result<(PathBuf, WeightMap), IoError> {
+/// Indexes the adapter weight file with the checks of [`read_adapter_weights`] (all but the
+/// value checks), returning the file and the tensors under normalized names.
+pub(crate) fn index_adapter(
+    dir: &Path,
+    lora: &LoraConfig,
+    catalog: &mut Catalog,
+) -> Result<(PathBuf, MetaMap), IoError> {
     require_dir(dir)?;
     let file = find_adapter_weights(dir).ok_or_else(|| IoError::MissingWeights {
         dir: dir.to_path_buf(),
         expected: ADAPTER_FILES.join(" or "),
     })?;
-    let mut out = WeightMap::new();
-    for (raw, t) in read_finite_tensor_file(&file)? {
-        let key = parse_lora_key(&raw).ok_or_else(|| IoError::unexpected(&raw, &file))?;
+    let id = catalog.open(&file)?;
+    let mut out = MetaMap::new();
+    for (raw, t) in catalog.metas(id) {
+        let key = parse_lora_key(raw).ok_or_else(|| IoError::unexpected(raw, &file))?;
         let rank_ok = match (key.part, t.shape.as_slice()) {
             (LoraPart::A, [rows, _]) => *rows == lora.r,
             (LoraPart::B, [_, cols]) => *cols == lora.r,
@@ -193,7 +201,7 @@ pub(crate) fn read_adapter(dir: &Path, lora: &LoraConfig) -> Result<(PathBuf, We
             });
         }
         if out.insert(key.name.clone(), t).is_some() {
-            return Err(IoError::unexpected(&raw, &file));
+            return Err(IoError::unexpected(raw, &file));
         }
     }
     for name in out.keys() {

@@ -1,17 +1,24 @@
-//! Reads one tensor file (`.safetensors` or a `torch.save` file) into f32 host tensors.
+//! Reads tensor files (`.safetensors` or a `torch.save` file) into f32 host tensors.
 //!
-//! * `.safetensors`: the header is parsed with the `safetensors` crate and each tensor is read
-//!   with plain file reads (no memory map), so only one tensor's raw bytes are held at a time.
+//! A file is first *indexed* ([`TensorFile::open`]): names, shapes, element types and where
+//! each tensor's bytes lie are read and checked without reading any tensor data. Tensors are
+//! then read one at a time ([`TensorFile::read`]), so a caller that streams (the converter)
+//! never holds more than one tensor of a file, and one that keeps everything
+//! ([`read_tensor_file`]) holds no second copy.
+//!
+//! * `.safetensors`: the header is parsed with the `safetensors` crate; each tensor is read with
+//!   one positioned read (no memory map).
 //! * `.bin` / `.pt` / `.pth` (`torch.save`): always parsed first by burn-store's
 //!   [`PytorchReader`], a pickle VM written in Rust with an allow-list of globals. **No Python
 //!   code is ever executed**: a pickle that references anything else (e.g. `posix.system`) is
-//!   an error. For zip-format files (PyTorch >= 1.6) every archive member is also read once to
-//!   check its CRC-32, and the pickle is scanned ([`crate::pickle_scan`]) to check each
-//!   tensor's storage member, size, offset and contiguity; the tensor data is then read from the
-//!   archive here, each storage member once. This is needed because burn-store silently
-//!   returns zeros for unreadable or short storages, ignores strides, and re-reads a whole
-//!   storage for every tensor that views it. Legacy (pre-1.6) files, and pickles the scan does
-//!   not understand, are read through burn-store's data path.
+//!   an error. For zip-format files (PyTorch >= 1.6) the pickle is also scanned
+//!   ([`crate::pickle_scan`]) to check each tensor's storage member, size, offset and
+//!   contiguity; tensor data is then read from the archive here, each storage member whole (so
+//!   its CRC-32 is checked), a member shared by several tensors once. This is needed because
+//!   burn-store silently returns zeros for unreadable or short storages, ignores strides, and
+//!   re-reads a whole storage for every tensor that views it. Legacy (pre-1.6) files, and
+//!   pickles the scan does not understand, are read through burn-store's data path (after a
+//!   CRC pass over every member for zip files).
 //!
 //! F32, F16, BF16 and F64 are converted to f32 on the host; other dtypes are refused.
 
@@ -21,17 +28,19 @@ use burn::tensor::DType;
 use burn_store::pytorch::PytorchReader;
 use half::{bf16, f16};
 use hici_model::weights::HostTensor;
-use std::collections::{BTreeMap, HashMap};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt;
 use std::fs::File;
-use std::io::{BufReader, Read};
-use std::path::Path;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 
 /// Largest accepted safetensors JSON header (same limit as the `safetensors` crate).
-const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+pub(crate) const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
 
-/// Element types that can be converted to f32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FloatType {
+/// Element types that can be converted to f32 (the stored type of a source tensor).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FloatType {
     F32,
     F16,
     BF16,
@@ -40,17 +49,61 @@ enum FloatType {
 
 impl FloatType {
     /// Bytes per element.
-    fn size(self) -> usize {
+    pub fn size(self) -> usize {
         match self {
             FloatType::F32 => 4,
             FloatType::F16 | FloatType::BF16 => 2,
             FloatType::F64 => 8,
         }
     }
+
+    /// `"F32"`, `"F16"`, `"BF16"`, `"F64"` (safetensors' spelling).
+    pub fn name(self) -> &'static str {
+        match self {
+            FloatType::F32 => "F32",
+            FloatType::F16 => "F16",
+            FloatType::BF16 => "BF16",
+            FloatType::F64 => "F64",
+        }
+    }
+}
+
+impl fmt::Display for FloatType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Converts little-endian raw bytes to f32 values.
-fn bytes_to_f32(bytes: &[u8], ty: FloatType) -> Vec<f32> {
+pub(crate) fn bytes_to_f32(bytes: &[u8], ty: FloatType) -> Vec<f32> {
+    if cfg!(target_endian = "little") {
+        // Fast paths when the bytes are aligned for the element type (they usually are).
+        use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+        match ty {
+            FloatType::F32 => {
+                if let Ok(v) = bytemuck::try_cast_slice::<u8, f32>(bytes) {
+                    return v.to_vec();
+                }
+            }
+            FloatType::F16 => {
+                if let Ok(bits) = bytemuck::try_cast_slice::<u8, u16>(bytes) {
+                    let mut out = vec![0f32; bits.len()];
+                    bits.reinterpret_cast::<f16>()
+                        .convert_to_f32_slice(&mut out);
+                    return out;
+                }
+            }
+            FloatType::BF16 => {
+                if let Ok(bits) = bytemuck::try_cast_slice::<u8, u16>(bytes) {
+                    let mut out = vec![0f32; bits.len()];
+                    bits.reinterpret_cast::<bf16>()
+                        .convert_to_f32_slice(&mut out);
+                    return out;
+                }
+            }
+            FloatType::F64 => {}
+        }
+    }
     match ty {
         FloatType::F32 => bytes
             .chunks_exact(4)
@@ -90,29 +143,27 @@ fn format_of(path: &Path) -> Result<Format, IoError> {
 /// name. Shapes are PyTorch's (`Linear` weights `[out, in]`); a 0-dim tensor has shape `[]`
 /// and one value. Values are returned as stored (NaN/Inf are not rejected here).
 pub fn read_tensor_file(path: &Path) -> Result<Vec<(String, HostTensor)>, IoError> {
-    let mut tensors = match format_of(path)? {
-        Format::Safetensors => read_safetensors(path)?,
-        Format::Pytorch => read_pytorch(path)?,
-    };
+    let file = TensorFile::open(path)?;
+    let mut tensors = Vec::with_capacity(file.len());
+    for i in 0..file.len() {
+        tensors.push((file.entry(i).key.clone(), file.read(i)?));
+    }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(tensors)
 }
 
-/// Like [`read_tensor_file`], but a tensor holding NaN or ±Inf is an [`IoError::NonFinite`].
-pub(crate) fn read_finite_tensor_file(path: &Path) -> Result<Vec<(String, HostTensor)>, IoError> {
-    let tensors = read_tensor_file(path)?;
-    for (key, t) in &tensors {
-        if t.data.iter().any(|v| !v.is_finite()) {
-            return Err(IoError::NonFinite {
-                key: key.clone(),
-                file: path.to_path_buf(),
-            });
-        }
+/// `Err(NonFinite)` when `t` holds NaN or ±Inf.
+pub(crate) fn check_finite(t: &HostTensor, key: &str, file: &Path) -> Result<(), IoError> {
+    if t.data.iter().any(|v| !v.is_finite()) {
+        return Err(IoError::NonFinite {
+            key: key.to_string(),
+            file: file.to_path_buf(),
+        });
     }
-    Ok(tensors)
+    Ok(())
 }
 
-fn open(path: &Path) -> Result<File, IoError> {
+pub(crate) fn open(path: &Path) -> Result<File, IoError> {
     let file = File::open(path).map_err(|e| IoError::from_io(path, e))?;
     let meta = file.metadata().map_err(|e| IoError::from_io(path, e))?;
     if meta.is_dir() {
@@ -134,7 +185,207 @@ fn host_tensor(
     HostTensor::new(shape, data).map_err(|e| bad(format!("tensor `{key}`: {e}")))
 }
 
-fn read_safetensors(path: &Path) -> Result<Vec<(String, HostTensor)>, IoError> {
+/// One tensor of an indexed file.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub key: String,
+    pub shape: Vec<usize>,
+    pub dtype: FloatType,
+    loc: Loc,
+}
+
+/// Where an entry's bytes are.
+#[derive(Debug, Clone)]
+enum Loc {
+    /// Byte range relative to the start of the safetensors data section.
+    Safetensors { start: u64, len: usize },
+    /// Byte range inside zip member `member` (an index into the file's member list).
+    Zip {
+        member: usize,
+        start: usize,
+        len: usize,
+    },
+    /// Read through burn-store's `TensorSnapshot::to_data`.
+    Burn,
+}
+
+/// A storage member of a zip-format file.
+#[derive(Debug)]
+struct Member {
+    name: String,
+    /// Number of tensors that view it.
+    users: usize,
+}
+
+enum Source {
+    Safetensors { data_start: u64 },
+    Zip { members: Vec<Member> },
+    Burn(Box<PytorchReader>),
+}
+
+/// The bytes of the shared member read last, kept until its last tensor has been read.
+#[derive(Default)]
+struct MemberCache {
+    member: Option<usize>,
+    bytes: Vec<u8>,
+    /// Reads left per member before its bytes are dropped.
+    remaining: Vec<usize>,
+}
+
+/// An indexed tensor file: every tensor's name, shape and type, read lazily.
+pub(crate) struct TensorFile {
+    path: PathBuf,
+    /// In read order (the order in which the file is best read front to back).
+    entries: Vec<Entry>,
+    source: Source,
+    cache: RefCell<MemberCache>,
+}
+
+impl fmt::Debug for TensorFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TensorFile")
+            .field("path", &self.path)
+            .field("entries", &self.entries.len())
+            .finish()
+    }
+}
+
+impl TensorFile {
+    /// Indexes a `.safetensors` / `.bin` / `.pt` / `.pth` file without reading tensor data
+    /// (a `.bin` file's pickle is parsed, and for files the layout scan does not cover, every
+    /// zip member is CRC-checked).
+    pub fn open(path: &Path) -> Result<Self, IoError> {
+        match format_of(path)? {
+            Format::Safetensors => index_safetensors(path),
+            Format::Pytorch => index_pytorch(path, false),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn entry(&self, i: usize) -> &Entry {
+        &self.entries[i]
+    }
+
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// Reads entry `i` as f32 (values as stored: NaN/Inf are not rejected here).
+    pub fn read(&self, i: usize) -> Result<HostTensor, IoError> {
+        let e = &self.entries[i];
+        let path = &self.path;
+        match (&self.source, &e.loc) {
+            (Source::Safetensors { data_start }, Loc::Safetensors { start, len }) => {
+                let bad = |msg: String| IoError::Safetensors {
+                    path: path.clone(),
+                    msg,
+                };
+                let mut file = open(path)?;
+                let mut read = |buf: &mut [u8]| {
+                    file.seek(SeekFrom::Start(data_start + start))
+                        .and_then(|_| file.read_exact(buf))
+                        .map_err(|err| bad(format!("reading tensor `{}`: {err}", e.key)))
+                };
+                let values = if e.dtype == FloatType::F32 && cfg!(target_endian = "little") {
+                    // Straight into the destination: one copy, no byte buffer.
+                    let mut values = vec![0f32; len / 4];
+                    read(bytemuck::cast_slice_mut(&mut values))?;
+                    values
+                } else {
+                    let mut bytes = vec![0u8; *len];
+                    read(&mut bytes)?;
+                    bytes_to_f32(&bytes, e.dtype)
+                };
+                host_tensor(e.shape.clone(), values, &e.key, bad)
+            }
+            (Source::Zip { members }, Loc::Zip { member, start, len }) => {
+                let bad = |msg: String| IoError::Pickle {
+                    path: path.clone(),
+                    msg,
+                };
+                let m = &members[*member];
+                let range = *start..start.saturating_add(*len);
+                let values = if m.users <= 1 {
+                    let bytes = read_member(path, &m.name)?;
+                    let slice = bytes.get(range).ok_or_else(|| {
+                        bad(format!("tensor `{}` lies outside `{}`", e.key, m.name))
+                    })?;
+                    bytes_to_f32(slice, e.dtype)
+                } else {
+                    let mut cache = self.cache.borrow_mut();
+                    if cache.member != Some(*member) {
+                        cache.bytes = Vec::new();
+                        cache.member = None;
+                        cache.bytes = read_member(path, &m.name)?;
+                        cache.member = Some(*member);
+                    }
+                    let values = cache
+                        .bytes
+                        .get(range)
+                        .map(|s| bytes_to_f32(s, e.dtype))
+                        .ok_or_else(|| {
+                            bad(format!("tensor `{}` lies outside `{}`", e.key, m.name))
+                        })?;
+                    let left = &mut cache.remaining[*member];
+                    *left = left.saturating_sub(1);
+                    if *left == 0 {
+                        // Last tensor of this member: release its bytes (a later re-read of a
+                        // tensor reads the member again).
+                        cache.remaining[*member] = m.users;
+                        cache.member = None;
+                        cache.bytes = Vec::new();
+                    }
+                    values
+                };
+                host_tensor(e.shape.clone(), values, &e.key, bad)
+            }
+            (Source::Burn(reader), _) => read_via_burn(path, reader, e),
+            _ => unreachable!("entry location matches its file's source"),
+        }
+    }
+}
+
+/// Reads a whole zip member (checking its CRC-32).
+fn read_member(path: &Path, name: &str) -> Result<Vec<u8>, IoError> {
+    let bad = |msg: String| IoError::Pickle {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let mut archive = zip::ZipArchive::new(BufReader::new(open(path)?))
+        .map_err(|e| bad(format!("corrupt or truncated zip archive: {e}")))?;
+    let mut bytes = Vec::new();
+    archive
+        .by_name(name)
+        .and_then(|mut m| {
+            bytes.reserve_exact(usize::try_from(m.size()).unwrap_or(0));
+            m.read_to_end(&mut bytes).map_err(Into::into)
+        })
+        .map_err(|e| bad(format!("zip member `{name}` is corrupt: {e}")))?;
+    Ok(bytes)
+}
+
+fn index_safetensors(path: &Path) -> Result<TensorFile, IoError> {
+    Ok(index_safetensors_with_metadata(path)?.0)
+}
+
+/// The `__metadata__` map of a safetensors header.
+pub(crate) type HeaderMetadata = Option<HashMap<String, String>>;
+
+impl TensorFile {
+    /// Indexes a `.safetensors` file (whatever its extension) and returns its `__metadata__`.
+    pub fn open_safetensors(path: &Path) -> Result<(Self, HeaderMetadata), IoError> {
+        index_safetensors_with_metadata(path)
+    }
+}
+
+fn index_safetensors_with_metadata(path: &Path) -> Result<(TensorFile, HeaderMetadata), IoError> {
     let bad = |msg: String| IoError::Safetensors {
         path: path.to_path_buf(),
         msg,
@@ -180,13 +431,13 @@ fn read_safetensors(path: &Path) -> Result<Vec<(String, HostTensor)>, IoError> {
         )));
     }
 
-    let mut out = Vec::new();
+    let mut entries = Vec::new();
     // `offset_keys` lists tensors in data order, so the file is read front to back.
     for key in meta.offset_keys() {
         let info = meta
             .info(&key)
             .ok_or_else(|| bad(format!("tensor `{key}` listed but not described")))?;
-        let ty = match info.dtype {
+        let dtype = match info.dtype {
             safetensors::Dtype::F32 => FloatType::F32,
             safetensors::Dtype::F16 => FloatType::F16,
             safetensors::Dtype::BF16 => FloatType::BF16,
@@ -200,14 +451,25 @@ fn read_safetensors(path: &Path) -> Result<Vec<(String, HostTensor)>, IoError> {
             }
         };
         let (start, end) = info.data_offsets;
-        let mut bytes = vec![0u8; end - start];
-        reader.read_exact(&mut bytes).map_err(io)?;
-        debug_assert_eq!(bytes.len() % ty.size(), 0);
-        let values = bytes_to_f32(&bytes, ty);
-        let tensor = host_tensor(info.shape.clone(), values, &key, bad)?;
-        out.push((key, tensor));
+        entries.push(Entry {
+            key,
+            shape: info.shape.clone(),
+            dtype,
+            loc: Loc::Safetensors {
+                start: start as u64,
+                len: end - start,
+            },
+        });
     }
-    Ok(out)
+    let file = TensorFile {
+        path: path.to_path_buf(),
+        entries,
+        source: Source::Safetensors {
+            data_start: 8 + header_len,
+        },
+        cache: RefCell::default(),
+    };
+    Ok((file, meta.metadata().clone()))
 }
 
 /// Zip local-file-header signature: `torch.save` files since PyTorch 1.6 are zip archives.
@@ -230,8 +492,8 @@ enum ZipLayout {
 /// missing member) or is too short, silently returns zeros; it also ignores strides. So the
 /// pickle is scanned ([`crate::pickle_scan`]) and each tensor must be contiguous and lie inside
 /// an existing storage member of the size the pickle declares. Member data is not read here:
-/// [`read_zip_storages`] checks each member's CRC-32 as it reads it, and [`check_all_crcs`]
-/// does so before burn-store's data path is used.
+/// [`read_member`] checks each member's CRC-32 as it reads it, and [`check_all_crcs`] does so
+/// before burn-store's data path is used.
 fn inspect_zip(path: &Path) -> Result<ZipLayout, IoError> {
     let bad = |msg: String| IoError::Pickle {
         path: path.to_path_buf(),
@@ -387,80 +649,103 @@ fn storage_float_type(class: &str) -> Option<FloatType> {
     }
 }
 
-/// Reads the tensors of a verified zip-format file, each storage member once.
-///
-/// burn-store re-reads a tensor's whole storage member for every tensor, which is quadratic
-/// when many tensors are views of one flat buffer (as DeepSpeed consolidations can be).
-fn read_zip_storages(
+/// Indexes the tensors of a verified zip-format file (read later from the archive, each
+/// storage member whole).
+fn index_zip_storages(
     path: &Path,
     reader: &PytorchReader,
     plan: Vec<(String, Located)>,
-) -> Result<Vec<(String, HostTensor)>, IoError> {
+) -> Result<TensorFile, IoError> {
     let bad = |msg: String| IoError::Pickle {
         path: path.to_path_buf(),
         msg,
     };
-    let mut by_member: BTreeMap<String, Vec<(String, TensorRef, FloatType)>> = BTreeMap::new();
+    let mut members: Vec<Member> = Vec::new();
+    let mut member_index: HashMap<String, usize> = HashMap::new();
+    let mut entries = Vec::with_capacity(plan.len());
     for (key, l) in plan {
-        let ty = storage_float_type(&l.tensor.storage.class).ok_or_else(|| {
-            IoError::UnsupportedDtype {
-                path: path.to_path_buf(),
-                key: key.clone(),
-                dtype: l.tensor.storage.class.clone(),
-            }
+        let t = l.tensor;
+        let ty = storage_float_type(&t.storage.class).ok_or_else(|| IoError::UnsupportedDtype {
+            path: path.to_path_buf(),
+            key: key.clone(),
+            dtype: t.storage.class.clone(),
         })?;
         // Cross-check with burn-store's view of the same tensor.
         if let Some(snap) = reader.get(&key) {
             let shape: Vec<u64> = snap.shape.iter().map(|&d| d as u64).collect();
-            if shape != l.tensor.size || float_type(snap.dtype) != Some(ty) {
+            if shape != t.size || float_type(snap.dtype) != Some(ty) {
                 return Err(bad(format!(
                     "tensor `{key}`: pickle scan ({:?} {:?}) and reader ({:?} {:?}) disagree",
-                    l.tensor.storage.class, l.tensor.size, snap.dtype, shape
+                    t.storage.class, t.size, snap.dtype, shape
                 )));
             }
         }
-        by_member
-            .entry(l.member)
-            .or_default()
-            .push((key, l.tensor, ty));
+        let elem = ty.size() as u64;
+        let range = t
+            .offset
+            .checked_mul(elem)
+            .zip(
+                t.offset
+                    .checked_add(t.numel())
+                    .and_then(|e| e.checked_mul(elem)),
+            )
+            .and_then(|(s, e)| Some((usize::try_from(s).ok()?, usize::try_from(e).ok()?)))
+            .ok_or_else(|| bad(format!("tensor `{key}` lies outside `{}`", l.member)))?;
+        let shape = t
+            .size
+            .iter()
+            .map(|&d| usize::try_from(d))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| bad(format!("tensor `{key}`: size {:?} too large", t.size)))?;
+        let m = *member_index.entry(l.member.clone()).or_insert_with(|| {
+            members.push(Member {
+                name: l.member.clone(),
+                users: 0,
+            });
+            members.len() - 1
+        });
+        members[m].users += 1;
+        entries.push(Entry {
+            key,
+            shape,
+            dtype: ty,
+            loc: Loc::Zip {
+                member: m,
+                start: range.0,
+                len: range.1 - range.0,
+            },
+        });
     }
-    let file = open(path)?;
-    let mut archive = zip::ZipArchive::new(BufReader::new(file))
-        .map_err(|e| bad(format!("corrupt or truncated zip archive: {e}")))?;
-    let mut out = Vec::new();
-    for (member, tensors) in by_member {
-        let mut bytes = Vec::new();
-        archive
-            .by_name(&member)
-            .and_then(|mut m| m.read_to_end(&mut bytes).map_err(Into::into))
-            .map_err(|e| bad(format!("zip member `{member}` is corrupt: {e}")))?;
-        for (key, t, ty) in tensors {
-            let elem = ty.size() as u64;
-            let range = t
-                .offset
-                .checked_mul(elem)
-                .zip(
-                    t.offset
-                        .checked_add(t.numel())
-                        .and_then(|e| e.checked_mul(elem)),
-                )
-                .and_then(|(s, e)| Some(usize::try_from(s).ok()?..usize::try_from(e).ok()?))
-                .filter(|r| r.end <= bytes.len())
-                .ok_or_else(|| bad(format!("tensor `{key}` lies outside `{member}`")))?;
-            let shape = t
-                .size
-                .iter()
-                .map(|&d| usize::try_from(d))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| bad(format!("tensor `{key}`: size {:?} too large", t.size)))?;
-            let values = bytes_to_f32(&bytes[range], ty);
-            out.push((key.clone(), host_tensor(shape, values, &key, bad)?));
-        }
-    }
-    Ok(out)
+    // Read order: member by member (each read once), front to back inside a member.
+    entries.sort_by(|a, b| match (&a.loc, &b.loc) {
+        (
+            Loc::Zip {
+                member: ma,
+                start: sa,
+                ..
+            },
+            Loc::Zip {
+                member: mb,
+                start: sb,
+                ..
+            },
+        ) => (&members[*ma].name, sa, &a.key).cmp(&(&members[*mb].name, sb, &b.key)),
+        _ => a.key.cmp(&b.key),
+    });
+    let remaining = members.iter().map(|m| m.users).collect();
+    Ok(TensorFile {
+        path: path.to_path_buf(),
+        entries,
+        source: Source::Zip { members },
+        cache: RefCell::new(MemberCache {
+            remaining,
+            ..MemberCache::default()
+        }),
+    })
 }
 
-fn read_pytorch(path: &Path) -> Result<Vec<(String, HostTensor)>, IoError> {
+/// Indexes a `torch.save` file; `via_burn` forces burn-store's data path (tests).
+fn index_pytorch(path: &Path, via_burn: bool) -> Result<TensorFile, IoError> {
     let bad = |msg: String| IoError::Pickle {
         path: path.to_path_buf(),
         msg,
@@ -471,54 +756,64 @@ fn read_pytorch(path: &Path) -> Result<Vec<(String, HostTensor)>, IoError> {
     let mut keys = reader.keys();
     keys.sort();
     match layout {
-        ZipLayout::Verified(l) => match match_layout(&keys, l) {
-            Some(plan) => return read_zip_storages(path, &reader, plan),
+        ZipLayout::Verified(l) if !via_burn => match match_layout(&keys, l) {
+            Some(plan) => return index_zip_storages(path, &reader, plan),
             None => check_all_crcs(path)?,
         },
-        ZipLayout::Unverified => check_all_crcs(path)?,
+        ZipLayout::Verified(_) | ZipLayout::Unverified => check_all_crcs(path)?,
         ZipLayout::NotZip => {}
     }
-    read_via_burn(path, &reader, keys)
-}
-
-/// burn-store's data path: each tensor through `TensorSnapshot::to_data`.
-fn read_via_burn(
-    path: &Path,
-    reader: &PytorchReader,
-    keys: Vec<String>,
-) -> Result<Vec<(String, HostTensor)>, IoError> {
-    let bad = |msg: String| IoError::Pickle {
-        path: path.to_path_buf(),
-        msg,
-    };
-    let mut out = Vec::with_capacity(keys.len());
+    let mut entries = Vec::with_capacity(keys.len());
     for key in keys {
         let snap = reader
             .get(&key)
             .ok_or_else(|| bad(format!("tensor `{key}` listed but not readable")))?;
-        let ty = float_type(snap.dtype).ok_or_else(|| IoError::UnsupportedDtype {
+        let dtype = float_type(snap.dtype).ok_or_else(|| IoError::UnsupportedDtype {
             path: path.to_path_buf(),
             key: key.clone(),
             dtype: format!("{:?}", snap.dtype),
         })?;
-        let shape = snap.shape.to_vec();
-        let data = snap
-            .to_data()
-            .map_err(|e| bad(format!("tensor `{key}`: {e}")))?;
-        let data_ty = float_type(data.dtype).ok_or_else(|| IoError::UnsupportedDtype {
-            path: path.to_path_buf(),
-            key: key.clone(),
-            dtype: format!("{:?}", data.dtype),
-        })?;
-        if data_ty != ty {
-            return Err(bad(format!(
-                "tensor `{key}`: declared dtype {ty:?} but data is {data_ty:?}"
-            )));
-        }
-        let values = bytes_to_f32(data.as_bytes(), ty);
-        out.push((key.clone(), host_tensor(shape, values, &key, bad)?));
+        entries.push(Entry {
+            shape: snap.shape.to_vec(),
+            key,
+            dtype,
+            loc: Loc::Burn,
+        });
     }
-    Ok(out)
+    Ok(TensorFile {
+        path: path.to_path_buf(),
+        entries,
+        source: Source::Burn(Box::new(reader)),
+        cache: RefCell::default(),
+    })
+}
+
+/// burn-store's data path: one tensor through `TensorSnapshot::to_data`.
+fn read_via_burn(path: &Path, reader: &PytorchReader, e: &Entry) -> Result<HostTensor, IoError> {
+    let bad = |msg: String| IoError::Pickle {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let key = &e.key;
+    let snap = reader
+        .get(key)
+        .ok_or_else(|| bad(format!("tensor `{key}` listed but not readable")))?;
+    let data = snap
+        .to_data()
+        .map_err(|err| bad(format!("tensor `{key}`: {err}")))?;
+    let data_ty = float_type(data.dtype).ok_or_else(|| IoError::UnsupportedDtype {
+        path: path.to_path_buf(),
+        key: key.clone(),
+        dtype: format!("{:?}", data.dtype),
+    })?;
+    if data_ty != e.dtype {
+        return Err(bad(format!(
+            "tensor `{key}`: declared dtype {:?} but data is {data_ty:?}",
+            e.dtype
+        )));
+    }
+    let values = bytes_to_f32(data.as_bytes(), e.dtype);
+    host_tensor(e.shape.clone(), values, key, bad)
 }
 
 fn float_type(dtype: DType) -> Option<FloatType> {
@@ -536,6 +831,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn aligned_and_unaligned_bytes_convert_alike() {
+        let vals = [1.5f32, -2.25, 3.0e-3, 65504.0, -0.0];
+        for ty in [
+            FloatType::F32,
+            FloatType::F16,
+            FloatType::BF16,
+            FloatType::F64,
+        ] {
+            let mut bytes = vec![0u8];
+            for &v in &vals {
+                match ty {
+                    FloatType::F32 => bytes.extend(v.to_le_bytes()),
+                    FloatType::F16 => bytes.extend(f16::from_f32(v).to_le_bytes()),
+                    FloatType::BF16 => bytes.extend(bf16::from_f32(v).to_le_bytes()),
+                    FloatType::F64 => bytes.extend(f64::from(v).to_le_bytes()),
+                }
+            }
+            let aligned = bytes[1..].to_vec();
+            assert_eq!(
+                bytes_to_f32(&bytes[1..], ty),
+                bytes_to_f32(&aligned, ty),
+                "{ty}"
+            );
+        }
+    }
+
+    #[test]
     fn converts_half_types() {
         let one_f16 = f16::from_f32(1.5).to_le_bytes();
         let one_bf16 = bf16::from_f32(-2.0).to_le_bytes();
@@ -547,7 +869,19 @@ mod tests {
         );
     }
 
-    /// The archive path and burn-store's data path give the same tensors on real torch files.
+    fn read_all(file: &TensorFile) -> Vec<(String, HostTensor)> {
+        let mut v: Vec<_> = (0..file.len())
+            .map(|i| {
+                let t = file.read(i).unwrap_or_else(|e| panic!("{e}"));
+                (file.entry(i).key.clone(), t)
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// The archive path and burn-store's data path give the same tensors on real torch files,
+    /// also when tensors are read out of order and twice (the shared-member cache).
     #[test]
     fn zip_path_matches_burn_store() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -559,19 +893,24 @@ mod tests {
             "tests/corpus/views.bin",
         ] {
             let path = root.join(file);
-            let ZipLayout::Verified(layout) = inspect_zip(&path).unwrap_or_else(|e| panic!("{e}"))
-            else {
-                panic!("{file}: zip layout not understood");
-            };
-            let reader = PytorchReader::new(&path).unwrap_or_else(|e| panic!("{e}"));
-            let mut keys = reader.keys();
-            keys.sort();
-            let plan = match_layout(&keys, layout).expect("names match");
-            let mut ours =
-                read_zip_storages(&path, &reader, plan).unwrap_or_else(|e| panic!("{e}"));
-            ours.sort_by(|a, b| a.0.cmp(&b.0));
-            let burn = read_via_burn(&path, &reader, keys).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(ours, burn, "{file}");
+            let ours = TensorFile::open(&path).unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                matches!(ours.source, Source::Zip { .. }),
+                "{file}: zip layout not understood"
+            );
+            let burn = index_pytorch(&path, true).unwrap_or_else(|e| panic!("{e}"));
+            assert!(matches!(burn.source, Source::Burn(_)));
+            let a = read_all(&ours);
+            assert_eq!(a, read_all(&burn), "{file}");
+            // Reverse order, twice.
+            for _ in 0..2 {
+                for i in (0..ours.len()).rev() {
+                    let t = ours.read(i).unwrap_or_else(|e| panic!("{e}"));
+                    let k = &ours.entry(i).key;
+                    let want = &a.iter().find(|(n, _)| n == k).expect("key").1;
+                    assert_eq!(&t, want, "{file}: {k}");
+                }
+            }
         }
     }
 

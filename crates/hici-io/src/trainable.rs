@@ -1,8 +1,8 @@
 //! HiCI's `trainable_params.bin`: f32 overrides for the embedding and norms plus all HiCI
 //! module tensors, with plain `LlamaForCausalLM` names (no `base_model.model.` prefix).
 
+use crate::catalog::{Catalog, MetaMap};
 use crate::error::IoError;
-use crate::tensor_file::read_finite_tensor_file;
 use hici_model::weights::WeightMap;
 use std::path::{Path, PathBuf};
 use tracing::info;
@@ -27,15 +27,28 @@ pub fn find_trainable_params(dir: &Path) -> Option<PathBuf> {
 /// `global_integrator` and not be a LoRA factor; anything else is an
 /// [`IoError::UnexpectedKey`]. NaN/Inf values are rejected.
 pub fn read_trainable_params(file: &Path) -> Result<WeightMap, IoError> {
-    let mut out = WeightMap::new();
-    for (key, t) in read_finite_tensor_file(file)? {
-        let allowed = key.starts_with("model.")
-            && ALLOWED.iter().any(|s| key.contains(s))
-            && !key.contains("lora_");
-        if !allowed {
-            return Err(IoError::unexpected(&key, file));
+    let mut catalog = Catalog::default();
+    let metas = index_trainable_params(file, &mut catalog)?;
+    catalog.read_all(&metas)
+}
+
+/// Whether `key` may appear in a trainable-params file.
+pub(crate) fn is_trainable_key(key: &str) -> bool {
+    key.starts_with("model.") && ALLOWED.iter().any(|s| key.contains(s)) && !key.contains("lora_")
+}
+
+/// Indexes a trainable-params file with the name checks of [`read_trainable_params`].
+pub(crate) fn index_trainable_params(
+    file: &Path,
+    catalog: &mut Catalog,
+) -> Result<MetaMap, IoError> {
+    let id = catalog.open(file)?;
+    let mut out = MetaMap::new();
+    for (key, t) in catalog.metas(id) {
+        if !is_trainable_key(key) {
+            return Err(IoError::unexpected(key, file));
         }
-        out.insert(key, t);
+        out.insert(key.to_string(), t);
     }
     let params: usize = out.values().map(|t| t.numel()).sum();
     info!(

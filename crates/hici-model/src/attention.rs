@@ -9,8 +9,23 @@
 //! keys it may see, so the largest score tensor is `[b, heads, QUERY_BLOCK, k_len]` — linear in
 //! the sequence length, never `n x n`.
 
+use crate::tensor_util::{as_dtype, as_f32};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+
+/// Which implementation burn's `attention` op may pick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionKernel {
+    /// Exact softmax attention in the working precision on every backend (an explicit scale
+    /// forces burn's decomposed path). Used for parity; the default.
+    #[default]
+    Exact,
+    /// Lets wgpu/CUDA autotune pick a flash kernel (f16 tiles, ~1e-3 abs error on logits).
+    /// On CPU backends identical to `Exact`.
+    Flash,
+}
 
 /// Query rows processed at once.
 pub const QUERY_BLOCK: usize = 256;
@@ -33,14 +48,35 @@ pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_heads: usize) -> Tensor<B, 4> {
 ///
 /// `q: [b, nh, q_len, d]`, `k`/`v`: `[b, nkv, k_len, d]` with `k_len >= q_len`
 /// -> `[b, nh, q_len, d]`. Scale `1/sqrt(d)`.
-pub fn attend<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+///
+/// Each query block goes through burn's `attention` op with an explicit bool mask (never
+/// `is_causal`, whose diagonal is anchored differently on flash and fallback kernels).
+pub fn attend<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    kernel: AttentionKernel,
+) -> Tensor<B, 4> {
     let [b, nh, q_len, d] = q.dims();
     let k_len = k.dims()[2];
     assert!(k_len >= q_len, "attend: k_len {k_len} < q_len {q_len}");
     let offset = k_len - q_len;
     let k = repeat_kv(k, nh);
     let v = repeat_kv(v, nh);
-    let scale = 1.0 / (d as f64).sqrt();
+    let opts = AttentionModuleOptions {
+        scale: match kernel {
+            AttentionKernel::Exact => Some(1.0 / (d as f64).sqrt()),
+            AttentionKernel::Flash => None,
+        },
+        softcap: None,
+        is_causal: false,
+    };
+    // The exact kernel computes in f32 whatever the working precision.
+    let dtype = q.dtype();
+    let (q, k, v) = match kernel {
+        AttentionKernel::Exact => (as_f32(q), as_f32(k), as_f32(v)),
+        AttentionKernel::Flash => (q, k, v),
+    };
     let device = q.device();
     let mut outs = Vec::with_capacity(q_len.div_ceil(QUERY_BLOCK));
     let mut q0 = 0;
@@ -51,23 +87,22 @@ pub fn attend<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> 
         let qs = q.clone().narrow(2, q0, qb);
         let ks = k.clone().narrow(2, 0, kb);
         let vs = v.clone().narrow(2, 0, kb);
-        let mut scores = qs.matmul(ks.swap_dims(2, 3)).mul_scalar(scale); // [b,nh,qb,kb]
-                                                                          // row r (global q0 + r) may see key j iff j <= q0 + r + offset
+        // row r (global q0 + r) may see key j iff j <= q0 + r + offset
         let diag = (q0 + offset) as i64;
-        if (kb as i64) - 1 > diag {
-            let mask = Tensor::<B, 2, Bool>::tril_mask([qb, kb], diag, &device)
+        let mask = ((kb as i64) - 1 > diag).then(|| {
+            Tensor::<B, 2, Bool>::tril_mask([qb, kb], diag, &device)
                 .reshape([1, 1, qb, kb])
-                .expand([b, nh, qb, kb]);
-            scores = scores.mask_fill(mask, f32::NEG_INFINITY);
-        }
-        outs.push(softmax(scores, 3).matmul(vs));
+                .expand([b, nh, qb, kb])
+        });
+        outs.push(attention(qs, ks, vs, mask, None, opts));
         q0 += qb;
     }
-    if outs.len() == 1 {
+    let out = if outs.len() == 1 {
         outs.pop().expect("one block")
     } else {
         Tensor::cat(outs, 2)
-    }
+    };
+    as_dtype(out, dtype)
 }
 
 /// Reference implementation materialising the whole `[q_len, k_len]` score matrix with an

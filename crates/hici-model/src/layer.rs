@@ -1,6 +1,6 @@
 //! One Llama-2 decoder layer with the HiCI plug-in in its self-attention.
 
-use crate::attention::attend;
+use crate::attention::{attend, AttentionKernel};
 use crate::cache::{DecodeCache, LayerCache};
 use crate::config::{LoraConfig, LoraMode, ModelConfig};
 use crate::error::ModelError;
@@ -8,7 +8,7 @@ use crate::hici::broadcast::slot_prefix;
 use crate::hici::{GlobalIntegrator, LocalConstructor};
 use crate::lora::{Linear, LoraLinear};
 use crate::rope::{apply_rope, Rope};
-use crate::tensor_util::to_param;
+use crate::tensor_util::{as_dtype, as_f32, to_param};
 use crate::weights::{take_shaped, WeightSource};
 use burn::module::Param;
 use burn::prelude::*;
@@ -38,14 +38,16 @@ impl<B: Backend> RmsNorm<B> {
 
     /// `x: [b, s, H] -> [b, s, H]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let d = x.dims()[2];
+        // HF: w * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(input dtype)
+        let (d, dtype) = (x.dims()[2], x.dtype());
+        let x = as_f32(x);
         let rms = x
             .clone()
             .powi_scalar(2)
             .mean_dim(2)
             .add_scalar(self.eps)
             .sqrt();
-        x.div(rms).mul(self.weight.val().reshape([1, 1, d]))
+        as_dtype(x.div(rms), dtype).mul(self.weight.val().reshape([1, 1, d]))
     }
 }
 
@@ -165,6 +167,7 @@ impl<B: Backend> SelfAttention<B> {
         pos0: usize,
         rope: &Rope,
         keep_cache: bool,
+        kernel: AttentionKernel,
     ) -> AttentionOutput<B> {
         let [b, s, _] = a.dims();
         let (cos, sin) = rope.tables::<B>(pos0, s, &a.device());
@@ -180,7 +183,7 @@ impl<B: Backend> SelfAttention<B> {
             &sin,
         );
         let v = self.split_heads(self.v_proj.forward(a), self.n_kv_heads);
-        let o = attend(q, k.clone(), v.clone());
+        let o = attend(q, k.clone(), v.clone(), kernel);
         let out =
             self.o_proj.forward(
                 o.swap_dims(1, 2)
@@ -206,6 +209,7 @@ impl<B: Backend> SelfAttention<B> {
         pos0: usize,
         rope: &Rope,
         cache: Option<DecodeCache>,
+        kernel: AttentionKernel,
     ) -> Result<AttentionOutput<B>, ModelError> {
         let (lc, gi) = match (&self.local_constructor, &self.global_integrator) {
             (Some(lc), Some(gi)) => (lc, gi),
@@ -253,7 +257,7 @@ impl<B: Backend> SelfAttention<B> {
 
         let keys = Tensor::cat(vec![pk.clone(), tk.clone()], 2); // [bN, nkv, p+T, hd]
         let vals = Tensor::cat(vec![pv.clone(), tv.clone()], 2);
-        let o = attend(q, keys, vals); // [bN, nh, T, hd]
+        let o = attend(q, keys, vals, kernel); // [bN, nh, T, hd]
         let out = self
             .o_proj
             .forward(o.swap_dims(1, 2).reshape([b, s, nh * hd]));
@@ -294,6 +298,7 @@ impl<B: Backend> SelfAttention<B> {
         pos: usize,
         rope: &Rope,
         cache: &mut LayerCache<B>,
+        kernel: AttentionKernel,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
         let (cos, sin) = rope.tables::<B>(pos, s, &x.device());
@@ -310,7 +315,7 @@ impl<B: Backend> SelfAttention<B> {
         );
         let v = self.split_heads(self.v_proj.forward(x), self.n_kv_heads);
         cache.append(k, v);
-        let o = attend(q, cache.k.clone(), cache.v.clone());
+        let o = attend(q, cache.k.clone(), cache.v.clone(), kernel);
         self.o_proj.forward(
             o.swap_dims(1, 2)
                 .reshape([b, s, self.n_heads * self.head_dim]),

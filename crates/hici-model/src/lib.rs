@@ -14,9 +14,11 @@ pub mod layer;
 pub mod lora;
 pub mod model;
 pub mod rope;
+pub mod synthetic;
 mod tensor_util;
 pub mod weights;
 
+pub use attention::AttentionKernel;
 pub use cache::{DecodeCache, KvCache, LayerCache};
 pub use config::{
     resolve_rope_factor, HiciConfig, LlamaConfig, LoraConfig, LoraMode, ModelConfig, RopeScaling,

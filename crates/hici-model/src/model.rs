@@ -1,6 +1,7 @@
 //! The whole model: embeddings, decoder layers, final norm, `lm_head`, and the four attention
 //! modes of spec §4 as a typed value.
 
+use crate::attention::AttentionKernel;
 use crate::cache::{DecodeCache, KvCache};
 use crate::config::{LoraConfig, LoraMode, ModelConfig};
 use crate::error::ModelError;
@@ -10,8 +11,9 @@ use crate::lora::Linear;
 use crate::rope::Rope;
 use crate::tensor_util::to_param;
 use crate::weights::{take_shaped, WeightSource};
-use burn::module::Param;
+use burn::module::{ModuleMapper, Param};
 use burn::prelude::*;
+use burn::tensor::DType;
 
 /// Attention mode of a forward pass (replaces the reference's module-level switches).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +84,9 @@ pub struct HiciLlama<B: Backend> {
     pub config: ModelConfig,
     #[module(skip)]
     pub rope: Rope,
+    /// Attention implementation choice (see [`AttentionKernel`]).
+    #[module(skip)]
+    pub kernel: AttentionKernel,
 }
 
 impl<B: Backend> HiciLlama<B> {
@@ -126,7 +131,45 @@ impl<B: Backend> HiciLlama<B> {
             lm_head,
             config: cfg.clone(),
             rope: Rope::new(l.head_dim(), l.rope_theta, cfg.rope_factor),
+            kernel: AttentionKernel::Exact,
         })
+    }
+
+    /// Casts every weight to `dtype` (activations follow the weights; RMSNorm, LayerNorm,
+    /// softmax and the GI statistics still accumulate in f32, logits are f32).
+    ///
+    /// Errors when the device does not support `dtype` (ndarray: f32/f64 only; wgpu: no bf16).
+    pub fn with_dtype(self, dtype: DType) -> Result<Self, ModelError> {
+        let device = self.embed_tokens.device();
+        if !B::supports_dtype(&device, dtype) {
+            return Err(ModelError::Config(format!(
+                "this device does not support {dtype:?} tensors"
+            )));
+        }
+        if self.embed_tokens.dtype() == dtype {
+            return Ok(self);
+        }
+        struct Cast(DType);
+        impl<B: Backend> ModuleMapper<B> for Cast {
+            fn map_float<const D: usize>(
+                &mut self,
+                param: Param<Tensor<B, D>>,
+            ) -> Param<Tensor<B, D>> {
+                param.map(|t| t.cast(self.0))
+            }
+        }
+        Ok(self.map(&mut Cast(dtype)))
+    }
+
+    /// The dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    /// Chooses the attention implementation (default [`AttentionKernel::Exact`]).
+    pub fn with_attention_kernel(mut self, kernel: AttentionKernel) -> Self {
+        self.kernel = kernel;
+        self
     }
 
     /// The configuration the model was built with.
@@ -175,7 +218,8 @@ impl<B: Backend> HiciLlama<B> {
                 x.narrow(1, s - 1, 1)
             }
         };
-        self.lm_head.forward(self.norm.forward(x))
+        // logits in f32 whatever the working precision
+        crate::tensor_util::as_f32(self.lm_head.forward(self.norm.forward(x)))
     }
 
     /// Runs every layer of a prefill. Returns the final hidden states, the cache (if asked)
@@ -209,14 +253,21 @@ impl<B: Backend> HiciLlama<B> {
         for layer in &self.layers {
             let a = layer.input_layernorm.forward(x.clone());
             let out = match segments {
-                None => {
-                    layer
-                        .self_attn
-                        .forward_full(a.clone(), 0, &self.rope, cache_kind.is_some())
-                }
-                Some(n) => layer
-                    .self_attn
-                    .forward_hici(a.clone(), n, 0, &self.rope, cache_kind)?,
+                None => layer.self_attn.forward_full(
+                    a.clone(),
+                    0,
+                    &self.rope,
+                    cache_kind.is_some(),
+                    self.kernel,
+                ),
+                Some(n) => layer.self_attn.forward_hici(
+                    a.clone(),
+                    n,
+                    0,
+                    &self.rope,
+                    cache_kind,
+                    self.kernel,
+                )?,
             };
             if trace {
                 traces.push(LayerTrace {
@@ -299,7 +350,9 @@ impl<B: Backend> HiciLlama<B> {
         let mut x = self.embed(ids);
         for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let a = layer.input_layernorm.forward(x.clone());
-            let out = layer.self_attn.forward_decode(a, pos, &self.rope, lc);
+            let out = layer
+                .self_attn
+                .forward_decode(a, pos, &self.rope, lc, self.kernel);
             x = layer.finish(x, out);
         }
         cache.next_position += s;

@@ -82,7 +82,12 @@ pub fn apply_rope<B: Backend>(
     let x1 = x.clone().narrow(3, 0, half);
     let x2 = x.clone().narrow(3, half, half);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    let cos = cos.clone().unsqueeze_dim::<4>(1).expand([n, h, s, hd]);
-    let sin = sin.clone().unsqueeze_dim::<4>(1).expand([n, h, s, hd]);
+    let dtype = x.dtype();
+    let cos = crate::tensor_util::as_dtype(cos.clone(), dtype)
+        .unsqueeze_dim::<4>(1)
+        .expand([n, h, s, hd]);
+    let sin = crate::tensor_util::as_dtype(sin.clone(), dtype)
+        .unsqueeze_dim::<4>(1)
+        .expand([n, h, s, hd]);
     x.mul(cos).add(rotated.mul(sin))
 }

@@ -37,6 +37,23 @@ pub(crate) fn to_param<B: Backend, const D: usize>(
     Param::from_tensor(to_tensor(t, device))
 }
 
+/// `x` in f32 (a no-op when it already is): where half-precision runs accumulate in f32.
+pub(crate) fn as_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    as_dtype(x, burn::tensor::DType::F32)
+}
+
+/// `x` cast to `dtype` (a no-op when it already is).
+pub(crate) fn as_dtype<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    dtype: burn::tensor::DType,
+) -> Tensor<B, D> {
+    if x.dtype() == dtype {
+        x
+    } else {
+        x.cast(dtype)
+    }
+}
+
 /// Reads a tensor back to the host as f32 values (tests and tools).
 pub fn to_vec_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data()

@@ -1,7 +1,7 @@
 //! Unit tests of the model's pieces against hand-checkable cases.
 
 use burn::prelude::*;
-use hici_model::attention::{attend, attend_naive};
+use hici_model::attention::{attend, attend_naive, AttentionKernel};
 use hici_model::hici::broadcast::{segment_count, sft_segment_len, SegmentRule};
 use hici_model::hici::global::softplus_f32;
 use hici_model::hici::GlobalIntegrator;
@@ -65,7 +65,7 @@ fn mask_rule_is_bottom_right_with_visible_prefix() {
         let k = Tensor::<B, 4>::zeros([1, 1, k_len, 4], &dev());
         let idx: Vec<f32> = (0..k_len).flat_map(|j| [j as f32; 4]).collect();
         let v = t(idx, [1, 1, k_len, 4]);
-        let out = to_vec_f32(attend(q, k, v));
+        let out = to_vec_f32(attend(q, k, v, AttentionKernel::Exact));
         for i in 0..q_len {
             let want = (i + off) as f32 / 2.0;
             assert!(
@@ -84,7 +84,12 @@ fn blocked_attention_equals_naive_attention_with_gqa() {
         let q = t(rnd(b * nh * q_len * d, 1), [b, nh, q_len, d]);
         let k = t(rnd(b * nkv * k_len * d, 2), [b, nkv, k_len, d]);
         let v = t(rnd(b * nkv * k_len * d, 3), [b, nkv, k_len, d]);
-        let a = to_vec_f32(attend(q.clone(), k.clone(), v.clone()));
+        let a = to_vec_f32(attend(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            AttentionKernel::Exact,
+        ));
         let n = to_vec_f32(attend_naive(q, k, v));
         let diff = a
             .iter()

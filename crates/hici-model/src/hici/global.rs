@@ -5,7 +5,7 @@
 use crate::config::{HiciConfig, LoraConfig, LoraMode};
 use crate::error::ModelError;
 use crate::lora::{Linear, LoraLinear};
-use crate::tensor_util::{to_param, to_tensor};
+use crate::tensor_util::{as_dtype, as_f32, to_param, to_tensor};
 use crate::weights::{take_shaped, WeightSource};
 use burn::module::Param;
 use burn::prelude::*;
@@ -36,15 +36,17 @@ impl<B: Backend> LayerNorm<B> {
     }
 
     /// `x: [n, r, d] -> [n, r, d]`.
+    /// Computed in f32 whatever the working precision.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let d = x.dims()[2];
+        let (d, dtype) = (x.dims()[2], x.dtype());
+        let x = as_f32(x);
         let mean = x.clone().mean_dim(2);
         let centered = x.sub(mean);
         let var = centered.clone().powi_scalar(2).mean_dim(2);
         let normed = centered.div(var.add_scalar(self.eps).sqrt());
-        let w = self.weight.val().reshape([1, 1, d]);
-        let b = self.bias.val().reshape([1, 1, d]);
-        normed.mul(w).add(b)
+        let w = as_f32(self.weight.val()).reshape([1, 1, d]);
+        let b = as_f32(self.bias.val()).reshape([1, 1, d]);
+        as_dtype(normed.mul(w).add(b), dtype)
     }
 }
 
@@ -158,7 +160,8 @@ impl<B: Backend> GlobalIntegrator<B> {
     ///
     /// `local: [b, N*M, H]` (every local slot vector of a sequence) -> `G: [b, K, H]`.
     pub fn forward(&self, local: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.integrate(Self::statistics(local))
+        let dtype = local.dtype();
+        self.integrate(as_dtype(Self::statistics(local), dtype))
     }
 
     /// Causal variant (spec §3.3): one `G_i` per segment from cumulative statistics of
@@ -167,6 +170,8 @@ impl<B: Backend> GlobalIntegrator<B> {
     /// `local: [b, N, M, H]` -> `[b, N, K, H]`.
     pub fn forward_causal(&self, local: Tensor<B, 4>) -> Tensor<B, 4> {
         let [b, n, m, h] = local.dims();
+        let dtype = local.dtype();
+        let local = as_f32(local);
         let mut stats = Vec::with_capacity(n);
         for i in 0..n {
             let seen = local
@@ -183,14 +188,15 @@ impl<B: Backend> GlobalIntegrator<B> {
             stats.push(Self::stack_stats(mean, mx, mn, std).unsqueeze_dim::<4>(1));
             // [b,1,5,H]
         }
-        let stats = Tensor::cat(stats, 1).reshape([b * n, 5, h]);
+        let stats = as_dtype(Tensor::cat(stats, 1).reshape([b * n, 5, h]), dtype);
         let k = self.global_queries.dims()[0];
         self.integrate(stats).reshape([b, n, k, h])
     }
 
     /// The five statistics of `local: [b, R, H]` over its `R` rows -> `[b, 5, H]`:
-    /// mean, max, min, population std (clamped at 1e-6), L2-normalised mean.
+    /// mean, max, min, population std (clamped at 1e-6), L2-normalised mean. Always f32.
     pub fn statistics(local: Tensor<B, 3>) -> Tensor<B, 3> {
+        let local = as_f32(local);
         let mean = local.clone().mean_dim(1); // [b,1,H]
         let mx = local.clone().max_dim(1);
         let mn = local.clone().min_dim(1);
@@ -244,11 +250,11 @@ impl<B: Backend> GlobalIntegrator<B> {
             .forward(c)
             .reshape([n, 5, hg, dg])
             .swap_dims(1, 2);
-        let a = softmax(
-            q.matmul(kg.swap_dims(2, 3))
-                .mul_scalar(1.0 / (dg as f64).sqrt()),
-            3,
-        ); // [n, hg, K, 5]
+        let scores = q
+            .matmul(kg.swap_dims(2, 3))
+            .mul_scalar(1.0 / (dg as f64).sqrt());
+        let dtype = scores.dtype();
+        let a = as_dtype(softmax(as_f32(scores), 3), dtype); // [n, hg, K, 5]
         let o = a.matmul(vg).swap_dims(1, 2).reshape([n, k, cd]);
         let o = self.o_proj.forward(o);
         let gate = self.expand_scale_param.val().clone().exp().log1p(); // softplus

@@ -4,7 +4,7 @@
 use crate::config::{HiciConfig, LoraConfig, LoraMode};
 use crate::error::ModelError;
 use crate::lora::LoraLinear;
-use crate::tensor_util::to_param;
+use crate::tensor_util::{as_dtype, as_f32, to_param};
 use crate::weights::{take_shaped, WeightSource};
 use burn::module::Param;
 use burn::prelude::*;
@@ -86,7 +86,8 @@ impl<B: Backend> LocalConstructor<B> {
         let scores = q
             .matmul(k.swap_dims(2, 3))
             .mul_scalar(1.0 / (dh as f64).sqrt()); // [n, hc, M, T]
-        let o = softmax(scores, 3).matmul(v); // [n, hc, M, dh]
+        let dtype = scores.dtype();
+        let o = as_dtype(softmax(as_f32(scores), 3), dtype).matmul(v); // [n, hc, M, dh]
         let o = o.swap_dims(1, 2).reshape([n, m, bd]);
         self.o_proj.forward(o)
     }

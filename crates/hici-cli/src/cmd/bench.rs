@@ -1,0 +1,779 @@
+//! `hici bench`: prefill and decode throughput, time to first token and peak memory, in the
+//! style of `llama-bench` / `mistralrs bench`. Benchmarks are not tests: nothing here asserts a
+//! time.
+//!
+//! One measured iteration of a (mode, prompt length) row:
+//! 1. prefill `P` random tokens from an empty cache, logits of the last position only, read back
+//!    to the host (this also synchronises GPU backends) -> prefill tokens/s; plus the greedy pick
+//!    of the first token -> time to first token;
+//! 2. (untimed) `--depth` more tokens fed through the decode path in chunks, so the cache holds
+//!    `P + depth` tokens (plus the `K+M` HiCI slots in mode `hici`);
+//! 3. `--gen-len` single-token greedy decode steps, each reading its logits back -> decode
+//!    tokens/s.
+//!
+//! Modes `hici-segmented` and `hici-sft` have no decode (the reference defines none): they report
+//! prefill only, computed layer by layer through the model's public API with the `lm_head` on
+//! the last position only, exactly like the prefill of the other modes.
+
+use crate::args::{DecodeCacheArg, DtypeArg, ModeArg, ModelArgs};
+use crate::backend::DeviceChoice;
+use anyhow::{bail, Context, Result};
+use burn::module::Module;
+use burn::prelude::*;
+use burn::tensor::DType;
+use clap::{Args, ValueEnum};
+use hici_model::hici::{segment_count, SegmentRule};
+use hici_model::synthetic::SyntheticWeights;
+use hici_model::{
+    resolve_rope_factor, to_vec_f32, AttentionMode, HiciConfig, HiciLlama, LlamaConfig, Logits,
+    LoraMode, ModelConfig,
+};
+use serde_json::{json, Value};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Args)]
+#[command(
+    long_about = "Measures prefill and decode throughput, time to first token and peak \
+memory for each --modes x --prompt-len row (--warmup untimed runs, then --iters timed runs; \
+mean/min/max over the timed runs). A table goes to stderr; --json prints a document on stdout. \
+The model comes from the usual options (--base/--adapter, else the embedded tiny model) or from \
+--synthetic (random weights generated in place, no download). Prompts are random token ids. \
+Prefill always starts from an empty cache; --depth adds tokens to the cache (untimed) before the \
+timed decode. Thread counts on the CPU backend follow RAYON_NUM_THREADS and MATMUL_NUM_THREADS."
+)]
+pub struct BenchArgs {
+    /// Prompt lengths to prefill, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "512")]
+    pub prompt_len: Vec<usize>,
+    /// Timed greedy decode steps after each prefill (0: prefill only).
+    #[arg(long, default_value_t = 32)]
+    pub gen_len: usize,
+    /// Extra tokens put in the cache (untimed) between the prefill and the timed decode.
+    #[arg(long, default_value_t = 0)]
+    pub depth: usize,
+    /// Attention modes to measure, comma-separated (hici-segmented uses --segments).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "full,hici,hici-segmented"
+    )]
+    pub modes: Vec<ModeArg>,
+    /// Untimed runs per row before the timed ones.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Timed runs per row.
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    /// Random weights generated in place instead of loading a checkpoint: `7b` (Llama-2-7B +
+    /// the released HiCI sizes), `1b` (TinyLlama-1.1B shape + HiCI), `tiny`, or a JSON file
+    /// (the `ModelConfig` layout {"llama": {HF config.json fields}, "hici": {...} | null,
+    /// "rope_factor": f}, or a bare HF config.json with an optional "hici" object).
+    #[arg(long, value_name = "PRESET|FILE")]
+    pub synthetic: Option<String>,
+    /// Seed of the synthetic weights and of the random prompts.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Synthetic models (weights: `hici_model::synthetic`)
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Xorshift64 stream for the random prompts.
+struct XorShift(u64);
+
+impl XorShift {
+    fn new(seed: u64) -> Self {
+        Self(splitmix64(seed).max(1))
+    }
+    fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}
+
+fn llama(v: Value) -> Result<LlamaConfig> {
+    let cfg: LlamaConfig = serde_json::from_value(v).context("synthetic Llama config")?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The model configuration of a `--synthetic` preset or file.
+pub fn synthetic_config(spec: &str, m: &ModelArgs) -> Result<ModelConfig> {
+    let hici_7b = HiciConfig::llama2_7b();
+    let (llama_cfg, hici, factor) = match spec {
+        "7b" => (
+            llama(json!({
+                "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
+                "max_position_embeddings": 4096,
+                "rope_scaling": {"type": "linear", "factor": 4.0},
+            }))?,
+            Some(hici_7b),
+            None,
+        ),
+        "1b" => (
+            llama(json!({
+                "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000,
+                "max_position_embeddings": 4096,
+                "rope_scaling": {"type": "linear", "factor": 4.0},
+            }))?,
+            Some(hici_7b),
+            None,
+        ),
+        "tiny" => (
+            llama(json!({
+                "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 512,
+                "max_position_embeddings": 16384,
+            }))?,
+            Some(HiciConfig {
+                local_slots: 8,
+                global_slots: 4,
+                lc_heads: 4,
+                gi_heads: 4,
+                bottleneck_dim: 32,
+                compress_dim: 32,
+                shared_compress_dim: 16,
+            }),
+            None,
+        ),
+        path => {
+            let text = std::fs::read_to_string(path).with_context(|| {
+                format!("--synthetic {path}: not a preset (7b, 1b, tiny) nor a readable file")
+            })?;
+            let mut v: Value =
+                serde_json::from_str(&text).with_context(|| format!("parsing {path}"))?;
+            let obj = v
+                .as_object_mut()
+                .with_context(|| format!("{path}: expected a JSON object"))?;
+            let hici = match obj.remove("hici") {
+                None | Some(Value::Null) => None,
+                Some(h) => Some(
+                    serde_json::from_value::<HiciConfig>(h)
+                        .with_context(|| format!("{path}: \"hici\""))?,
+                ),
+            };
+            let factor = obj.remove("rope_factor").and_then(|f| f.as_f64());
+            let l = match obj.remove("llama") {
+                Some(l) => llama(l),
+                None => llama(Value::Object(obj.clone())),
+            }
+            .with_context(|| format!("{path}: Llama part"))?;
+            (l, hici, factor)
+        }
+    };
+    let mut hici = hici;
+    if let (Some(h), Some(n)) = (hici.as_mut(), m.hici_heads) {
+        h.lc_heads = n;
+        h.gi_heads = n;
+    }
+    let rope_factor = match (m.rope_scale, factor) {
+        (Some(f), _) | (None, Some(f)) => f,
+        _ => resolve_rope_factor(None, &llama_cfg, m.context_size),
+    };
+    let cfg = ModelConfig {
+        llama: llama_cfg,
+        hici,
+        rope_factor,
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Builds a random-weight model for `cfg` through the normal weight loader.
+pub fn synthetic_model<B: Backend>(
+    cfg: &ModelConfig,
+    seed: u64,
+    device: &B::Device,
+) -> Result<HiciLlama<B>> {
+    let mut src = SyntheticWeights::new(cfg, seed);
+    let model = HiciLlama::<B>::from_weights(cfg, None, LoraMode::Merged, &mut src, device)
+        .context("building the synthetic model")?;
+    let left = src.remaining();
+    if !left.is_empty() {
+        bail!(
+            "synthetic weights not used by the model (name drift?): {}",
+            left.join(", ")
+        );
+    }
+    Ok(model)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measuring
+
+fn mode_name(mode: ModeArg) -> String {
+    mode.to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
+fn attention_mode(mode: ModeArg, segments: usize) -> AttentionMode {
+    match mode {
+        ModeArg::Full => AttentionMode::Full,
+        ModeArg::Hici => AttentionMode::Inference,
+        ModeArg::HiciSegmented => AttentionMode::Segmented { segments },
+        ModeArg::HiciSft => AttentionMode::SftSegmented,
+    }
+}
+
+fn has_decode(mode: ModeArg) -> bool {
+    matches!(mode, ModeArg::Full | ModeArg::Hici)
+}
+
+fn ids_tensor<B: Backend>(ids: &[i64], device: &B::Device) -> Tensor<B, 2, Int> {
+    Tensor::from_data(TensorData::new(ids.to_vec(), [1, ids.len()]), device)
+}
+
+fn argmax(row: &[f32]) -> i64 {
+    let mut best = 0;
+    for (i, v) in row.iter().enumerate() {
+        if *v > row[best] {
+            best = i;
+        }
+    }
+    best as i64
+}
+
+/// Random prompt ids in `[3, vocab)` (skipping the special ids when the vocabulary allows).
+fn random_ids(rng: &mut XorShift, n: usize, vocab: usize) -> Vec<i64> {
+    let lo = if vocab > 3 { 3 } else { 0 };
+    let span = (vocab - lo) as u64;
+    (0..n)
+        .map(|_| (lo as u64 + rng.next_u64() % span) as i64)
+        .collect()
+}
+
+/// Prefill for the segmented modes (no decode cache exists for them): the model's layer loop,
+/// with the `lm_head` on the last position only. `[1, S]` -> `[1, 1, V]`.
+fn prefill_segmented<B: Backend>(
+    model: &HiciLlama<B>,
+    ids: Tensor<B, 2, Int>,
+    mode: AttentionMode,
+) -> Result<Tensor<B, 3>> {
+    let s = ids.dims()[1];
+    let rule = match mode {
+        AttentionMode::Segmented { segments } => SegmentRule::Equal(segments),
+        AttentionMode::SftSegmented => SegmentRule::Sft,
+        _ => bail!("prefill_segmented: not a segmented mode"),
+    };
+    let n = segment_count(s, rule)?;
+    let mut x = model.embed(ids);
+    for layer in &model.layers {
+        let a = layer.input_layernorm.forward(x.clone());
+        let out = layer
+            .self_attn
+            .forward_hici(a, n, 0, &model.rope, None, model.kernel)?;
+        x = layer.finish(x, out.out);
+    }
+    let last = x.narrow(1, s - 1, 1);
+    Ok(model.lm_head.forward(model.norm.forward(last)))
+}
+
+/// Timings of one iteration (seconds).
+struct Sample {
+    prefill: f64,
+    ttft: Option<f64>,
+    decode: Option<f64>,
+}
+
+/// Tokens fed per call when filling `--depth`.
+const DEPTH_CHUNK: usize = 256;
+
+struct RowSpec {
+    mode: ModeArg,
+    prompt: usize,
+    depth: usize,
+    gen: usize,
+    segments: usize,
+}
+
+fn run_once<B: Backend>(
+    model: &HiciLlama<B>,
+    r: &RowSpec,
+    m: &ModelArgs,
+    rng: &mut XorShift,
+    device: &B::Device,
+) -> Result<Sample> {
+    let vocab = model.vocab_size();
+    let ids = ids_tensor::<B>(&random_ids(rng, r.prompt, vocab), device);
+    let mode = attention_mode(r.mode, r.segments);
+    if !has_decode(r.mode) {
+        let t0 = Instant::now();
+        let logits = prefill_segmented(model, ids, mode)?;
+        let _ = to_vec_f32(logits);
+        return Ok(Sample {
+            prefill: t0.elapsed().as_secs_f64(),
+            ttft: None,
+            decode: None,
+        });
+    }
+    let t0 = Instant::now();
+    let (logits, mut cache) = model.prefill(ids, mode, m.decode_cache(), Logits::Last)?;
+    let row = to_vec_f32(logits);
+    let prefill = t0.elapsed().as_secs_f64();
+    let mut next = argmax(&row);
+    let ttft = t0.elapsed().as_secs_f64();
+    if r.gen == 0 {
+        return Ok(Sample {
+            prefill,
+            ttft: Some(ttft),
+            decode: None,
+        });
+    }
+    let mut left = r.depth;
+    while left > 0 && !crate::interrupted() {
+        let n = left.min(DEPTH_CHUNK);
+        let chunk = random_ids(rng, n, vocab);
+        let logits = model.decode(ids_tensor::<B>(&chunk, device), &mut cache)?;
+        next = argmax(&to_vec_f32(logits.narrow(1, n - 1, 1)));
+        left -= n;
+    }
+    let t1 = Instant::now();
+    for _ in 0..r.gen {
+        if crate::interrupted() {
+            break;
+        }
+        let logits = model.decode(ids_tensor::<B>(&[next], device), &mut cache)?;
+        next = argmax(&to_vec_f32(logits));
+    }
+    Ok(Sample {
+        prefill,
+        ttft: Some(ttft),
+        decode: Some(t1.elapsed().as_secs_f64()),
+    })
+}
+
+/// mean / min / max of a list.
+fn stats(xs: &[f64]) -> Option<Value> {
+    if xs.is_empty() {
+        return None;
+    }
+    let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+    let min = xs.iter().cloned().fold(f64::INFINITY, f64::min);
+    let max = xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    Some(json!({"mean": mean, "min": min, "max": max}))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory and machine facts
+
+fn proc_status_kib(key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Peak resident set size so far (Linux `VmHWM`), bytes.
+fn peak_rss() -> Option<u64> {
+    proc_status_kib("VmHWM:").map(|k| k * 1024)
+}
+
+/// Current resident set size (`VmRSS`), bytes.
+fn current_rss() -> Option<u64> {
+    proc_status_kib("VmRSS:").map(|k| k * 1024)
+}
+
+/// Resets `VmHWM` to the current RSS (Linux >= 4.0: write "5" to clear_refs).
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// Device memory in use (bytes) where the backend can tell, else the reason why not.
+fn device_memory(choice: DeviceChoice) -> std::result::Result<u64, String> {
+    match choice {
+        DeviceChoice::Ndarray => {
+            Err("the ndarray backend runs on the host: see peak_rss_bytes".into())
+        }
+        DeviceChoice::Wgpu => {
+            Err("the wgpu backend does not report device memory to this tool".into())
+        }
+        #[allow(unused_variables)]
+        DeviceChoice::Cuda(i) => {
+            #[cfg(feature = "cuda")]
+            {
+                let ctx = cudarc::driver::CudaContext::new(i)
+                    .map_err(|e| format!("CUDA context: {e:?}"))?;
+                let (free, total) = ctx
+                    .mem_get_info()
+                    .map_err(|e| format!("cuMemGetInfo: {e:?}"))?;
+                Ok((total - free) as u64)
+            }
+            #[cfg(not(feature = "cuda"))]
+            Err("CUDA is not compiled in".into())
+        }
+    }
+}
+
+#[allow(unused_variables)]
+fn gpu_name(choice: DeviceChoice) -> Option<String> {
+    match choice {
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda(i) => cudarc::driver::CudaContext::new(i).ok()?.name().ok(),
+        _ => None,
+    }
+}
+
+fn machine(choice: DeviceChoice) -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string());
+    let logical = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_total = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| {
+            l["MemTotal:".len()..]
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|k| k * 1024);
+    let env = |k: &str| std::env::var(k).ok();
+    json!({
+        "os": std::env::consts::OS,
+        "arch": std::env::consts::ARCH,
+        "cpu_model": cpu_model,
+        "cpu_logical_cores": (logical > 0).then_some(logical),
+        "available_parallelism": std::thread::available_parallelism().map(|n| n.get()).ok(),
+        "memory_bytes": mem_total,
+        "gpu": gpu_name(choice),
+        "env": {
+            "RAYON_NUM_THREADS": env("RAYON_NUM_THREADS"),
+            "MATMUL_NUM_THREADS": env("MATMUL_NUM_THREADS"),
+        },
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The command
+
+fn fmt_stat(v: &Value, key: &str, scale: f64) -> String {
+    match v.get(key) {
+        Some(s) if s.is_object() => {
+            let g = |k: &str| s[k].as_f64().unwrap_or(f64::NAN) * scale;
+            format!("{:9.2} ({:.2}-{:.2})", g("mean"), g("min"), g("max"))
+        }
+        _ => format!("{:>9}", "-"),
+    }
+}
+
+fn print_table(rows: &[Value]) {
+    eprintln!(
+        "{:<15} {:>6} {:>6} {:>4} | {:<30} | {:>9} | {:<30} | {:>8}",
+        "mode",
+        "prompt",
+        "depth",
+        "gen",
+        "prefill tok/s mean (min-max)",
+        "TTFT ms",
+        "decode tok/s mean (min-max)",
+        "peak RSS"
+    );
+    for r in rows {
+        let prefill = fmt_stat(&r["prefill"], "tokens_per_s", 1.0);
+        let ttft = r["ttft_ms"]["mean"]
+            .as_f64()
+            .map_or("-".to_string(), |v| format!("{v:.1}"));
+        let decode = if r["decode"].is_null() {
+            "-".to_string()
+        } else {
+            fmt_stat(&r["decode"], "tokens_per_s", 1.0)
+        };
+        let rss = r["memory"]["peak_rss_bytes"]
+            .as_u64()
+            .map_or("-".to_string(), |b| format!("{} MiB", b >> 20));
+        let gen = r["gen_len"].as_u64().unwrap_or(0);
+        let depth = r["depth"].as_u64().unwrap_or(0);
+        let (depth, gen) = if r["decode"].is_null() {
+            ("-".to_string(), "-".to_string())
+        } else {
+            (depth.to_string(), gen.to_string())
+        };
+        eprintln!(
+            "{:<15} {:>6} {:>6} {:>4} | {:<30} | {:>9} | {:<30} | {:>8}",
+            r["mode"].as_str().unwrap_or(""),
+            r["prompt_len"].as_u64().unwrap_or(0),
+            depth,
+            gen,
+            prefill,
+            ttft,
+            decode,
+            rss
+        );
+    }
+}
+
+pub fn run<B: Backend>(m: &ModelArgs, a: &BenchArgs, dev: &B::Device) -> Result<()> {
+    if a.prompt_len.is_empty() || a.prompt_len.contains(&0) {
+        bail!("--prompt-len needs lengths > 0");
+    }
+    if a.iters == 0 {
+        bail!("--iters must be > 0");
+    }
+    if a.modes.is_empty() {
+        bail!("--modes needs at least one mode");
+    }
+    if a.synthetic.is_some() && m.base.is_some() {
+        bail!("--synthetic and --base are exclusive");
+    }
+    if a.modes.contains(&ModeArg::HiciSegmented) {
+        let bad: Vec<_> = a
+            .prompt_len
+            .iter()
+            .filter(|&&p| m.segments == 0 || p % m.segments != 0)
+            .map(|p| p.to_string())
+            .collect();
+        if !bad.is_empty() {
+            bail!(
+                "hici-segmented needs prompt lengths divisible by --segments {}: {}",
+                m.segments,
+                bad.join(", ")
+            );
+        }
+    }
+
+    let dtype_name = m
+        .dtype
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default();
+    let device_before = device_memory(m.device).ok();
+    let t_load = Instant::now();
+    let (model, source, max_context) = match &a.synthetic {
+        Some(spec) => {
+            let cfg = synthetic_config(spec, m)?;
+            eprintln!("bench: generating synthetic model `{spec}` (random weights)");
+            let dtype = match m.dtype {
+                DtypeArg::F32 => DType::F32,
+                DtypeArg::F16 => DType::F16,
+                DtypeArg::Bf16 => DType::BF16,
+            };
+            // the same precision and attention kernel steps as `crate::load::load`
+            let model = synthetic_model::<B>(&cfg, a.seed, dev)?
+                .with_dtype(dtype)
+                .with_context(|| format!("--dtype {} on --device {}", dtype_name, m.device))?
+                .with_attention_kernel(m.attention_kernel());
+            let l = &cfg.llama;
+            let ctx = (l.max_position_embeddings as f64 * cfg.rope_factor).round() as usize;
+            (model, format!("synthetic:{spec}"), ctx)
+        }
+        None => {
+            let loaded = crate::load::load::<B>(m, dev)?;
+            let src = match &m.base {
+                Some(b) => b.display().to_string(),
+                None => "embedded:tiny-hici-a".to_string(),
+            };
+            (loaded.model, src, loaded.max_context)
+        }
+    };
+    let load_s = t_load.elapsed().as_secs_f64();
+    let cfg = model.config().clone();
+    if cfg.hici.is_none() {
+        if let Some(&bad) = a.modes.iter().find(|&&md| md != ModeArg::Full) {
+            bail!(
+                "mode {} needs HiCI modules, but the model has none",
+                mode_name(bad)
+            );
+        }
+    }
+    let longest = a.prompt_len.iter().max().copied().unwrap_or(0) + a.depth + a.gen_len;
+    if longest > max_context {
+        eprintln!(
+            "note: runs reach {longest} positions, beyond the {max_context} the RoPE setting \
+             was made for (timings are still valid; outputs would not be)"
+        );
+    }
+    let params = model.num_params();
+    let rss_after_load = current_rss();
+    eprintln!(
+        "bench: {source}: {:.1} M parameters, loaded in {load_s:.1} s; device {}, {dtype_name}, \
+         attention {:?}",
+        params as f64 / 1e6,
+        m.device,
+        model.kernel
+    );
+
+    let mut rows = Vec::new();
+    let mut interrupted = false;
+    'outer: for &mode in &a.modes {
+        for &p in &a.prompt_len {
+            let spec = RowSpec {
+                mode,
+                prompt: p,
+                depth: a.depth,
+                gen: a.gen_len,
+                segments: m.segments,
+            };
+            let name = mode_name(mode);
+            eprintln!(
+                "bench: {name} prompt {p}: {} warmup + {} timed",
+                a.warmup, a.iters
+            );
+            let scoped = reset_peak_rss();
+            // The same prompts for every mode: one stream per prompt length.
+            let mut rng = XorShift::new(a.seed ^ (p as u64).wrapping_mul(0x51ed_270b));
+            let mut samples = Vec::new();
+            for it in 0..a.warmup + a.iters {
+                if crate::interrupted() {
+                    interrupted = true;
+                    break;
+                }
+                let s = run_once(&model, &spec, m, &mut rng, dev)
+                    .with_context(|| format!("{name}, prompt {p}"))?;
+                if it >= a.warmup {
+                    samples.push(s);
+                }
+            }
+            if crate::interrupted() {
+                interrupted = true;
+            }
+            if samples.is_empty() {
+                break 'outer;
+            }
+            let prefill_s: Vec<f64> = samples.iter().map(|s| s.prefill).collect();
+            let prefill_tps: Vec<f64> = prefill_s.iter().map(|t| p as f64 / t).collect();
+            let ttft_ms: Vec<f64> = samples
+                .iter()
+                .filter_map(|s| s.ttft)
+                .map(|t| t * 1e3)
+                .collect();
+            let decode_s: Vec<f64> = samples.iter().filter_map(|s| s.decode).collect();
+            let gen = a.gen_len as f64;
+            let decode = if decode_s.is_empty() {
+                Value::Null
+            } else {
+                let tps: Vec<f64> = decode_s.iter().map(|t| gen / t).collect();
+                let ms: Vec<f64> = decode_s.iter().map(|t| t * 1e3 / gen).collect();
+                let prefix = if mode == ModeArg::Hici && m.decode_cache != DecodeCacheArg::Tokens {
+                    cfg.hici.as_ref().map_or(0, |h| h.prefix_len())
+                } else {
+                    0
+                };
+                json!({
+                    "tokens_per_s": stats(&tps),
+                    "ms_per_token": stats(&ms),
+                    "seconds": stats(&decode_s),
+                    "samples_s": decode_s,
+                    "cache_entries_at_start": prefix + p + a.depth,
+                })
+            };
+            let decode_note = if has_decode(mode) {
+                if a.gen_len == 0 {
+                    Some("--gen-len 0")
+                } else {
+                    None
+                }
+            } else {
+                Some("this mode has no decode (segmented prefill only)")
+            };
+            let (dev_bytes, dev_note) = match device_memory(m.device) {
+                Ok(b) => (
+                    Some(b),
+                    "device-wide used memory (total - free) after the row; burn's memory pools \
+                     keep their high-water mark, so this approximates the peak (other processes \
+                     included)"
+                        .to_string(),
+                ),
+                Err(e) => (None, e),
+            };
+            rows.push(json!({
+                "mode": name,
+                "segments": match mode {
+                    ModeArg::HiciSegmented => Some(m.segments),
+                    ModeArg::HiciSft => segment_count(p, SegmentRule::Sft).ok(),
+                    ModeArg::Hici => Some(1),
+                    ModeArg::Full => None,
+                },
+                "prompt_len": p,
+                "depth": a.depth,
+                "gen_len": a.gen_len,
+                "iters": samples.len(),
+                "prefill": {
+                    "tokens_per_s": stats(&prefill_tps),
+                    "seconds": stats(&prefill_s),
+                    "samples_s": prefill_s,
+                },
+                "ttft_ms": stats(&ttft_ms),
+                "decode": decode,
+                "decode_note": decode_note,
+                "memory": {
+                    "peak_rss_bytes": peak_rss(),
+                    "peak_rss_scope": if scoped { "row (VmHWM reset before the row)" }
+                                      else { "process (VmHWM since start)" },
+                    "device_bytes": dev_bytes,
+                    "device_note": dev_note,
+                },
+            }));
+            if interrupted {
+                break 'outer;
+            }
+        }
+    }
+    eprintln!();
+    print_table(&rows);
+    if m.json {
+        let doc = json!({
+            "schema": "hici-bench/1",
+            "hici_version": env!("CARGO_PKG_VERSION"),
+            "git_commit": env!("HICI_GIT_COMMIT"),
+            "burn_version": env!("HICI_BURN_VERSION"),
+            "backend": m.device.to_string(),
+            "dtype": dtype_name,
+            "model_dtype": format!("{:?}", model.dtype()),
+            "attention_kernel": format!("{:?}", model.kernel),
+            "machine": machine(m.device),
+            "model": {
+                "source": source,
+                "parameters": params,
+                "config": serde_json::to_value(&cfg)?,
+                "load_s": load_s,
+                "rss_after_load_bytes": rss_after_load,
+                "device_bytes_before_load": device_before,
+            },
+            "settings": {
+                "prompt_lens": a.prompt_len,
+                "gen_len": a.gen_len,
+                "depth": a.depth,
+                "modes": a.modes.iter().map(|&md| mode_name(md)).collect::<Vec<_>>(),
+                "warmup": a.warmup,
+                "iters": a.iters,
+                "segments": m.segments,
+                "decode_cache": m.decode_cache.to_possible_value().map(|v| v.get_name().to_string()),
+                "seed": a.seed,
+                "logits": "last position only",
+            },
+            "interrupted": interrupted,
+            "results": rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    }
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! Parity on the wgpu backend (software Vulkan, lavapipe, in CI).
+//!
+//! Tolerance 1e-3 abs on f32 logits: wgpu kernels accumulate in a different order than
+//! ndarray (measured values are printed), and the tiny fixture's logits reach ~±10.
+//! Set `HICI_SKIP_WGPU=1` to skip on a machine without any Vulkan driver.
+#![cfg(feature = "wgpu")]
+
+mod common;
+
+use burn::backend::wgpu::WgpuDevice;
+use common::*;
+use hici::model::{to_vec_f32, AttentionMode, DecodeCache, HiciLlama, Logits, LoraMode};
+
+type W = burn::backend::Wgpu<f32, i32>;
+const TOL: f32 = 1e-3;
+
+fn greedy(
+    model: &HiciLlama<W>,
+    dev: &WgpuDevice,
+    ids: &[i64],
+    steps: usize,
+) -> (Vec<i64>, Vec<f32>) {
+    let (logits, mut cache) = model
+        .prefill(
+            ids_tensor_on::<W>(ids, dev),
+            AttentionMode::Inference,
+            DecodeCache::Slots,
+            Logits::Last,
+        )
+        .expect("prefill");
+    let mut rows = to_vec_f32(logits);
+    let v = rows.len();
+    let mut out = Vec::new();
+    for step in 0..steps {
+        let last = &rows[rows.len() - v..];
+        let mut best = 0;
+        for (i, &x) in last.iter().enumerate() {
+            if x > last[best] {
+                best = i;
+            }
+        }
+        out.push(best as i64);
+        if step + 1 == steps {
+            break;
+        }
+        let l = model
+            .decode(ids_tensor_on::<W>(&[best as i64], dev), &mut cache)
+            .expect("decode");
+        rows.extend(to_vec_f32(l));
+    }
+    (out, rows)
+}
+
+#[test]
+fn wgpu_parity_with_reference() {
+    if std::env::var_os("HICI_SKIP_WGPU").is_some() {
+        eprintln!("HICI_SKIP_WGPU set: skipping the wgpu parity test");
+        return;
+    }
+    let dev = WgpuDevice::DefaultDevice;
+    let model = load_model_on::<W>(LoraMode::Merged, &dev);
+
+    let want = expected("prefill_logits.safetensors");
+    for p in ["prompt1", "prompt2"] {
+        let ids = input_ids(&format!("{p}_ids"));
+        let got = to_vec_f32(
+            model
+                .forward(ids_tensor_on::<W>(&ids, &dev), AttentionMode::Inference)
+                .unwrap(),
+        );
+        assert_close(&format!("wgpu Mode I prefill {p}"), &got, &want[p].f32, TOL);
+    }
+    let ids = input_ids("long_ids");
+    let full = to_vec_f32(
+        model
+            .forward(ids_tensor_on::<W>(&ids, &dev), AttentionMode::Full)
+            .unwrap(),
+    );
+    assert_close(
+        "wgpu Mode F logits",
+        &full,
+        &expected("full_logits.safetensors")["logits"].f32,
+        TOL,
+    );
+    let seg = to_vec_f32(
+        model
+            .forward(
+                ids_tensor_on::<W>(&ids, &dev),
+                AttentionMode::Segmented { segments: 4 },
+            )
+            .unwrap(),
+    );
+    assert_close(
+        "wgpu Mode T logits",
+        &seg,
+        &expected("segmented_logits.safetensors")["logits"].f32,
+        TOL,
+    );
+
+    let want = expected("greedy_decode_unscrambled_cache_NONREFERENCE.safetensors");
+    let ids = input_ids("prompt1_ids");
+    let (gen, logits) = greedy(&model, &dev, &ids, 16);
+    assert_eq!(gen, want["prompt1_generated_ids"].i64);
+    assert_close(
+        "wgpu greedy decode prompt1, 16 steps",
+        &logits,
+        &want["prompt1_step_logits"].f32,
+        TOL,
+    );
+
+    // runtime LoRA path on the GPU backend too
+    let unmerged = load_model_on::<W>(LoraMode::Unmerged, &dev);
+    let ids = input_ids("prompt2_ids");
+    let got = to_vec_f32(
+        unmerged
+            .forward(ids_tensor_on::<W>(&ids, &dev), AttentionMode::Inference)
+            .unwrap(),
+    );
+    assert_close(
+        "wgpu Mode I prefill prompt2 (unmerged LoRA)",
+        &got,
+        &expected("prefill_logits.safetensors")["prompt2"].f32,
+        TOL,
+    );
+}
+
+/// f16 weights and activations on wgpu (prefill), compared with the f32 reference logits. RMSNorm,
+/// LayerNorm, softmax, attention (exact kernel) and the GI statistics run in f32; the
+/// projections and MLP in f16. The tolerance (0.15 abs on logits of magnitude ~10, i.e. ~1%)
+/// is set from the measured error of the tiny random-weight fixture, whose un-normalised
+/// random weights are harsher on half precision than a trained model.
+#[test]
+fn wgpu_f16_close_to_f32_and_bf16_refused() {
+    if std::env::var_os("HICI_SKIP_WGPU").is_some() {
+        return;
+    }
+    let dev = WgpuDevice::DefaultDevice;
+    let model = load_model_on::<W>(LoraMode::Merged, &dev);
+    assert!(
+        model.with_dtype(burn::tensor::DType::BF16).is_err(),
+        "wgpu has no bf16"
+    );
+    let model = load_model_on::<W>(LoraMode::Merged, &dev)
+        .with_dtype(burn::tensor::DType::F16)
+        .expect("lavapipe supports f16");
+    let want = expected("prefill_logits.safetensors");
+    for p in ["prompt1", "prompt2"] {
+        let ids = input_ids(&format!("{p}_ids"));
+        let got = to_vec_f32(
+            model
+                .forward(ids_tensor_on::<W>(&ids, &dev), AttentionMode::Inference)
+                .unwrap(),
+        );
+        assert_close(
+            &format!("wgpu f16 Mode I prefill {p}"),
+            &got,
+            &want[p].f32,
+            0.15,
+        );
+    }
+    // Not covered: decoding in f16 on wgpu. burn 0.21's fusion engine panics in its device
+    // thread ("index out of bounds", burn-cubecl-fusion engine/codegen/ir.rs:500) on the first
+    // f16 generation step, so the CLI refuses half precision on wgpu.
+}
