@@ -4,36 +4,7 @@ mod common;
 
 use common::*;
 use std::io::Write;
-use std::process::{Command, Output, Stdio};
-
-fn hici(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hici"))
-        .args(args)
-        .output()
-        .expect("run hici")
-}
-
-fn json_of(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "hici failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
-
-/// A failed run: non-zero exit, a one-line `error:` message mentioning `needle`, no panic.
-fn assert_clean_error(out: &Output, needle: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    assert!(err.contains(needle), "stderr lacks `{needle}`: {err}");
-}
+use std::process::{Command, Stdio};
 
 fn ids_arg(ids: &[i64]) -> String {
     ids.iter()

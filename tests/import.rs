@@ -6,14 +6,12 @@ use hici::io::{
     LoadOptions, StoreDtype,
 };
 use hici::model::{to_vec_f32, AttentionMode, HiciLlama, LoraMode};
+mod common;
+
+use common::{assert_clean_error, fixture, hici, json_of as ok_json};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 type B = burn::backend::NdArray<f32>;
-
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-hici-a")
-}
 
 fn opts() -> LoadOptions {
     LoadOptions {
@@ -184,34 +182,6 @@ fn converted_logits_match_directories() {
             "f32.safetensors"
         ]
     );
-}
-
-fn hici(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hici"))
-        .args(args)
-        .output()
-        .expect("run hici")
-}
-
-fn ok_json(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "hici failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
-
-fn assert_clean_error(out: &Output, needle: &str) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    assert!(err.contains(needle), "stderr lacks `{needle}`: {err}");
 }
 
 fn greedy(model: &[&str], ids: &str) -> Vec<i64> {

@@ -6,6 +6,7 @@ use hici::model::{HiciLlama, LoraMode};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::process::{Command, Output};
 
 pub type B = burn::backend::NdArray<f32>;
 
@@ -139,4 +140,34 @@ pub fn mean_nll(logits: &[f32], vocab: usize, ids: &[i64]) -> f64 {
         total += lse - row[ids[t + 1] as usize] as f64;
     }
     total / (s - 1) as f64
+}
+
+/// Runs the `hici` binary of this package.
+pub fn hici(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hici"))
+        .args(args)
+        .output()
+        .expect("run hici")
+}
+
+pub fn json_of(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "hici failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// A failed run: non-zero exit, a one-line `error:` message mentioning `needle`, no panic.
+pub fn assert_clean_error(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert!(err.contains(needle), "stderr lacks `{needle}`: {err}");
 }

@@ -159,14 +159,17 @@ fn splitmix64(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// Xorshift64 stream; `next_f32` is uniform in [0, 1).
-struct XorShift(u64);
+/// Xorshift64 stream (seeded through splitmix64); `next_f32` is uniform in [0, 1).
+pub struct XorShift(u64);
 
 impl XorShift {
-    fn new(seed: u64) -> Self {
+    /// A stream for `seed` (any value, 0 included).
+    pub fn new(seed: u64) -> Self {
         Self(splitmix64(seed).max(1))
     }
-    fn next_u64(&mut self) -> u64 {
+
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x << 13;
         x ^= x >> 7;
@@ -174,7 +177,8 @@ impl XorShift {
         self.0 = x;
         x
     }
-    fn next_f32(&mut self) -> f32 {
+    /// Uniform in [0, 1).
+    pub fn next_f32(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 * (1.0 / (1u64 << 24) as f32)
     }
 }

@@ -7,11 +7,19 @@ use burn::prelude::*;
 /// `[rows, cols]` row-major -> `[cols, rows]` row-major, on the host.
 pub(crate) fn transpose_host(t: &HostTensor) -> HostTensor {
     let (rows, cols) = (t.shape[0], t.shape[1]);
+    // cache-blocked: both the reads and the writes stay within a few pages per tile
+    const TILE: usize = 64;
     let mut out = vec![0.0f32; rows * cols];
-    for r in 0..rows {
-        let src = &t.data[r * cols..(r + 1) * cols];
-        for (c, v) in src.iter().enumerate() {
-            out[c * rows + r] = *v;
+    for r0 in (0..rows).step_by(TILE) {
+        let r1 = (r0 + TILE).min(rows);
+        for c0 in (0..cols).step_by(TILE) {
+            let c1 = (c0 + TILE).min(cols);
+            for r in r0..r1 {
+                let src = &t.data[r * cols + c0..r * cols + c1];
+                for (i, v) in src.iter().enumerate() {
+                    out[(c0 + i) * rows + r] = *v;
+                }
+            }
         }
     }
     HostTensor {

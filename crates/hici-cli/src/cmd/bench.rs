@@ -23,7 +23,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use clap::{Args, ValueEnum};
 use hici_model::hici::{segment_count, SegmentRule};
-use hici_model::synthetic::SyntheticWeights;
+use hici_model::synthetic::{SyntheticWeights, XorShift};
 use hici_model::{
     resolve_rope_factor, to_vec_f32, AttentionMode, HiciConfig, HiciLlama, LlamaConfig, Logits,
     LoraMode, ModelConfig,
@@ -78,30 +78,6 @@ pub struct BenchArgs {
 
 // ---------------------------------------------------------------------------------------------
 // Synthetic models (weights: `hici_model::synthetic`)
-
-fn splitmix64(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// Xorshift64 stream for the random prompts.
-struct XorShift(u64);
-
-impl XorShift {
-    fn new(seed: u64) -> Self {
-        Self(splitmix64(seed).max(1))
-    }
-    fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-}
 
 fn llama(v: Value) -> Result<LlamaConfig> {
     let cfg: LlamaConfig = serde_json::from_value(v).context("synthetic Llama config")?;
