@@ -11,7 +11,8 @@ One run does, in order:
      PyTorch (torch.set_num_threads(--threads)): per row --warmup untimed + --iters timed runs
      of [prefill P random tokens, last-position logits, greedy first token; --gen-len greedy
      single-token decode steps with a KV cache];
-  3. records the 1-minute load average around every step;
+  3. before every step waits (up to --wait-quiet s) until no other process uses the CPU, and
+     records the 1-minute load average around every step;
   4. prints a Markdown table of tokens/s and the ratios ours / torch, and writes everything to
      --out as JSON.
 
@@ -34,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hici_torch  # noqa: E402
+from quiet import wait_quiet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,6 +147,8 @@ def main():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--wait-quiet", type=float, default=900,
+                    help="before each step wait up to this many seconds until no other process is busy (0: off)")
     ap.add_argument("--skip-check", action="store_true", help="skip the fixture check of the torch implementation")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/compare-cpu.json")
     args = ap.parse_args()
@@ -166,11 +170,16 @@ def main():
     torch_load_s = time.perf_counter() - t0
     ours, theirs_rows, loads = None, [], []
     for p in args.lens.split(","):
+        q0 = wait_quiet(args.wait_quiet)
         l0 = loadavg()
         doc = run_hici(args, p)
         l1 = loadavg()
+        q1 = wait_quiet(args.wait_quiet)
         theirs_rows += run_torch(args, model, [int(p)])
-        loads.append({"prompt_len": int(p), "before": l0, "after_hici": l1, "after_torch": loadavg()})
+        loads.append({
+            "prompt_len": int(p), "before": l0, "after_hici": l1, "after_torch": loadavg(),
+            "quiet_before_hici": q0, "quiet_before_torch": q1,
+        })
         if ours is None:
             ours = doc
         else:

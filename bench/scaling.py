@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Prefill scaling table: `hici bench` prefill time vs prompt length, full vs hici-segmented.
 
-Runs `hici bench --synthetic CONFIG --modes full,hici-segmented --segments 4 --gen-len 0
---json` once over all lengths, then prints a Markdown table of prefill seconds per length and
+Runs `hici bench --synthetic CONFIG --modes MODE --prompt-len N --segments 4 --gen-len 0
+--json` for each mode and length (one process each, after waiting for a quiet machine), then prints a Markdown table of prefill seconds per length and
 the growth ratio t(2L) / t(L) of each mode (2.0 = linear, 4.0 = quadratic), and writes the raw
 JSON to --out. Standard library only.
 """
@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quiet import wait_quiet  # noqa: E402
 
 
 def main():
@@ -29,6 +31,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--wait-quiet", type=float, default=900,
+                    help="before each row wait up to this many seconds until no other process is busy (0: off)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/scaling-cpu.json")
     args = ap.parse_args()
 
@@ -36,14 +40,23 @@ def main():
     exe = rel(args.hici)
     if not exe.startswith(("/", ".")):
         exe = "./" + exe
-    cmd = [
-        exe, "bench", "--synthetic", rel(args.config), "--prompt-len", args.lens,
-        "--modes", args.modes, "--segments", str(args.segments), "--gen-len", "0",
-        "--warmup", str(args.warmup), "--iters", str(args.iters), "--json",
-    ]
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), MATMUL_NUM_THREADS=str(args.threads))
-    print("+", " ".join(cmd), file=sys.stderr)
-    doc = json.loads(subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, check=True).stdout)
+    doc, quiet = None, []
+    # one process per (mode, length), each after waiting for a quiet machine
+    for mode in args.modes.split(","):
+        for n in args.lens.split(","):
+            cmd = [
+                exe, "bench", "--synthetic", rel(args.config), "--prompt-len", n,
+                "--modes", mode, "--segments", str(args.segments), "--gen-len", "0",
+                "--warmup", str(args.warmup), "--iters", str(args.iters), "--json",
+            ]
+            quiet.append({"mode": mode, "prompt_len": int(n), **wait_quiet(args.wait_quiet)})
+            print("+", " ".join(cmd), file=sys.stderr)
+            d = json.loads(subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, check=True).stdout)
+            if doc is None:
+                doc = d
+            else:
+                doc["results"] += d["results"]
 
     modes = args.modes.split(",")
     lens = [int(x) for x in args.lens.split(",")]
@@ -73,7 +86,13 @@ def main():
         lines.append("| " + " | ".join(cells) + " |")
     md = "\n".join(lines)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"command": " ".join(cmd), "growth": growth, "markdown": md, "hici": doc}, indent=1) + "\n")
+    doc["settings"]["prompt_lens"] = lens
+    doc["settings"]["modes"] = modes
+    args.out.write_text(json.dumps({
+        "command": " ".join(["scaling.py"] + sys.argv[1:]),
+        "hici_command_per_row": " ".join(cmd[:4]) + " ... (see settings)",
+        "quiet": quiet, "growth": growth, "markdown": md, "hici": doc,
+    }, indent=1) + "\n")
     print(md)
     print(f"\nwritten {rel(args.out)}", file=sys.stderr)
 
