@@ -14,15 +14,10 @@ use hici::model::{to_vec_f32, AttentionMode, DecodeCache, HiciLlama, Logits, Lor
 type W = burn::backend::Wgpu<f32, i32>;
 const TOL: f32 = 1e-3;
 
-fn greedy(
-    model: &HiciLlama<W>,
-    dev: &WgpuDevice,
-    ids: &[i64],
-    steps: usize,
-) -> (Vec<i64>, Vec<f32>) {
+fn greedy(model: &HiciLlama<W>, ids: &[i64], steps: usize) -> (Vec<i64>, Vec<f32>) {
     let (logits, mut cache) = model
-        .prefill(
-            ids_tensor_on::<W>(ids, dev),
+        .prefill_tokens(
+            ids,
             AttentionMode::Inference,
             DecodeCache::Slots,
             Logits::Last,
@@ -44,7 +39,7 @@ fn greedy(
             break;
         }
         let l = model
-            .decode(ids_tensor_on::<W>(&[best as i64], dev), &mut cache)
+            .decode_tokens(&[best as i64], &mut cache)
             .expect("decode");
         rows.extend(to_vec_f32(l));
     }
@@ -99,7 +94,7 @@ fn wgpu_parity_with_reference() {
 
     let want = expected("greedy_decode_unscrambled_cache_NONREFERENCE.safetensors");
     let ids = input_ids("prompt1_ids");
-    let (gen, logits) = greedy(&model, &dev, &ids, 16);
+    let (gen, logits) = greedy(&model, &ids, 16);
     assert_eq!(gen, want["prompt1_generated_ids"].i64);
     assert_close(
         "wgpu greedy decode prompt1, 16 steps",
@@ -159,6 +154,10 @@ fn wgpu_f16_close_to_f32_and_bf16_refused() {
         );
     }
     // Not covered: decoding in f16 on wgpu. burn 0.21's fusion engine panics in its device
-    // thread ("index out of bounds", burn-cubecl-fusion engine/codegen/ir.rs:500) on the first
-    // f16 generation step, so the CLI refuses half precision on wgpu.
+    // thread ("index out of bounds", burn-cubecl-fusion engine/codegen/ir.rs:500, while
+    // autotuning a fused reduce: `FusedReduceLaunch` asks for the strides of an input it did
+    // not register) on the first f16 decode step that follows a host read-back. A prefill and
+    // a decode step queued without any read in between run fine, so it depends on how the
+    // fusion stream was cut, not on one op; f32 is unaffected. The CLI refuses half precision
+    // on wgpu until a burn release fixes it.
 }

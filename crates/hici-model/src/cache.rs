@@ -18,27 +18,108 @@ pub enum DecodeCache {
 
 /// Per-layer keys and values, `[b, nkv, len, hd]` each (keys of tokens are RoPE'd, slot keys
 /// are not).
+///
+/// The entries live in buffers of `capacity >= len` along the sequence axis. Appending writes
+/// into the free tail in place (`slice_assign` on a uniquely held buffer), so a decode step
+/// costs O(new entries), not a copy of the whole cache; the buffers grow geometrically when
+/// full, or once up front with [`Self::reserve`].
 #[derive(Debug, Clone)]
 pub struct LayerCache<B: Backend> {
-    pub k: Tensor<B, 4>,
-    pub v: Tensor<B, 4>,
+    /// `(keys, values)`, `[b, nkv, capacity, hd]` each; `None` only while being replaced.
+    buf: Option<(Tensor<B, 4>, Tensor<B, 4>)>,
+    len: usize,
 }
 
 impl<B: Backend> LayerCache<B> {
+    /// A cache holding exactly `k`/`v` `[b, nkv, len, hd]` (capacity = len).
+    pub fn new(k: Tensor<B, 4>, v: Tensor<B, 4>) -> Self {
+        let len = k.dims()[2];
+        Self {
+            buf: Some((k, v)),
+            len,
+        }
+    }
+
+    fn buffers(&self) -> &(Tensor<B, 4>, Tensor<B, 4>) {
+        self.buf
+            .as_ref()
+            .expect("LayerCache buffers are only absent inside append")
+    }
+
+    /// Keys `[b, nkv, len, hd]` (a view of the buffer where the backend supports views).
+    pub fn keys(&self) -> Tensor<B, 4> {
+        self.valid(&self.buffers().0)
+    }
+
+    /// Values `[b, nkv, len, hd]`.
+    pub fn values(&self) -> Tensor<B, 4> {
+        self.valid(&self.buffers().1)
+    }
+
+    fn valid(&self, t: &Tensor<B, 4>) -> Tensor<B, 4> {
+        if t.dims()[2] == self.len {
+            t.clone()
+        } else {
+            t.clone().narrow(2, 0, self.len)
+        }
+    }
+
+    /// Entries the buffers can hold without growing.
+    pub fn capacity(&self) -> usize {
+        self.buffers().0.dims()[2]
+    }
+
+    /// Makes room for at least `additional` more entries (one reallocation now instead of
+    /// growth steps later).
+    pub fn reserve(&mut self, additional: usize) {
+        let need = self.len + additional;
+        if need > self.capacity() {
+            self.grow_to(need);
+        }
+    }
+
+    fn grow_to(&mut self, capacity: usize) {
+        let (k, v) = self.buf.take().expect("LayerCache buffers present");
+        let grow = |t: Tensor<B, 4>| {
+            let [b, h, _, d] = t.dims();
+            let valid = if t.dims()[2] == self.len {
+                t
+            } else {
+                t.narrow(2, 0, self.len)
+            };
+            let tail = Tensor::zeros([b, h, capacity - self.len, d], &valid.device());
+            let tail = crate::tensor_util::as_dtype(tail, valid.dtype());
+            Tensor::cat(vec![valid, tail], 2)
+        };
+        self.buf = Some((grow(k), grow(v)));
+    }
+
     /// Appends `k`/`v` `[b, nkv, new, hd]` along the sequence axis.
     pub fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) {
-        self.k = Tensor::cat(vec![self.k.clone(), k], 2);
-        self.v = Tensor::cat(vec![self.v.clone(), v], 2);
+        let n = k.dims()[2];
+        let need = self.len + n;
+        let cap = self.capacity();
+        if need > cap {
+            // geometric growth (1/8, at least 64 entries): amortised O(1) copies per entry
+            self.grow_to(need.max(cap + (cap / 8).max(64)));
+        }
+        let (kb, vb) = self.buf.take().expect("LayerCache buffers present");
+        let [b, h, _, d] = kb.dims();
+        let range = [0..b, 0..h, self.len..need, 0..d];
+        let kb = kb.slice_assign(range.clone(), k);
+        let vb = vb.slice_assign(range, v);
+        self.buf = Some((kb, vb));
+        self.len = need;
     }
 
     /// Entries held.
     pub fn len(&self) -> usize {
-        self.k.dims()[2]
+        self.len
     }
 
     /// Whether the cache holds nothing.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 }
 
@@ -64,5 +145,13 @@ impl<B: Backend> KvCache<B> {
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Makes room in every layer for `additional` more entries (e.g. the tokens a generation
+    /// may still produce), so decoding never reallocates.
+    pub fn reserve(&mut self, additional: usize) {
+        for layer in &mut self.layers {
+            layer.reserve(additional);
+        }
     }
 }

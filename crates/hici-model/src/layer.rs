@@ -193,7 +193,7 @@ impl<B: Backend> SelfAttention<B> {
             out,
             local: None,
             global: None,
-            cache: keep_cache.then_some(LayerCache { k, v }),
+            cache: keep_cache.then(|| LayerCache::new(k, v)),
         }
     }
 
@@ -271,15 +271,14 @@ impl<B: Backend> SelfAttention<B> {
                 Tensor::cat(vec![g, l], 2)
             };
             match kind {
-                DecodeCache::Tokens => LayerCache { k: tk, v: tv },
-                DecodeCache::Slots => LayerCache {
-                    k: Tensor::cat(vec![pk, tk], 2),
-                    v: Tensor::cat(vec![pv, tv], 2),
-                },
-                DecodeCache::ReferenceScrambled => LayerCache {
-                    k: Tensor::cat(vec![scramble(pk), tk], 2),
-                    v: Tensor::cat(vec![scramble(pv), tv], 2),
-                },
+                DecodeCache::Tokens => LayerCache::new(tk, tv),
+                DecodeCache::Slots => {
+                    LayerCache::new(Tensor::cat(vec![pk, tk], 2), Tensor::cat(vec![pv, tv], 2))
+                }
+                DecodeCache::ReferenceScrambled => LayerCache::new(
+                    Tensor::cat(vec![scramble(pk), tk], 2),
+                    Tensor::cat(vec![scramble(pv), tv], 2),
+                ),
             }
         });
         Ok(AttentionOutput {
@@ -315,7 +314,7 @@ impl<B: Backend> SelfAttention<B> {
         );
         let v = self.split_heads(self.v_proj.forward(x), self.n_kv_heads);
         cache.append(k, v);
-        let o = attend(q, cache.k.clone(), cache.v.clone(), kernel);
+        let o = attend(q, cache.keys(), cache.values(), kernel);
         self.o_proj.forward(
             o.swap_dims(1, 2)
                 .reshape([b, s, self.n_heads * self.head_dim]),

@@ -192,22 +192,45 @@ impl<B: Backend> HiciLlama<B> {
             .reshape([b, s, h])
     }
 
+    /// Validates ids held in a device tensor (reads them back: one device sync).
     fn check_ids(&self, ids: &Tensor<B, 2, Int>) -> Result<(), ModelError> {
         let [b, s] = ids.dims();
         if b == 0 || s == 0 {
             return Err(ModelError::Input("empty token sequence".into()));
         }
-        let v = self.vocab_size() as i64;
         let data = ids.to_data().convert::<i64>();
         let vals = data
             .as_slice::<i64>()
             .map_err(|e| ModelError::Input(format!("token ids: {e:?}")))?;
-        if let Some(bad) = vals.iter().find(|&&x| x < 0 || x >= v) {
+        self.check_host_ids(vals)
+    }
+
+    /// Validates host token ids: non-empty and inside the vocabulary.
+    pub fn check_host_ids(&self, ids: &[i64]) -> Result<(), ModelError> {
+        if ids.is_empty() {
+            return Err(ModelError::Input("empty token sequence".into()));
+        }
+        let v = self.vocab_size() as i64;
+        if let Some(bad) = ids.iter().find(|&&x| x < 0 || x >= v) {
             return Err(ModelError::Input(format!(
                 "token id {bad} is out of range for a vocabulary of {v}"
             )));
         }
         Ok(())
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> B::Device {
+        self.embed_tokens.device()
+    }
+
+    /// Host token ids `[n]` (checked on the host) -> a batch-1 id tensor `[1, n]`.
+    pub fn token_tensor(&self, ids: &[i64]) -> Result<Tensor<B, 2, Int>, ModelError> {
+        self.check_host_ids(ids)?;
+        Ok(Tensor::from_data(
+            TensorData::new(ids.to_vec(), [1, ids.len()]),
+            &self.device(),
+        ))
     }
 
     fn head(&self, x: Tensor<B, 3>, which: Logits) -> Tensor<B, 3> {
@@ -231,7 +254,6 @@ impl<B: Backend> HiciLlama<B> {
         cache_kind: Option<DecodeCache>,
         trace: bool,
     ) -> Result<RunOutput<B>, ModelError> {
-        self.check_ids(&ids)?;
         let s = ids.dims()[1];
         let segments = match mode.segment_rule() {
             Some(rule) => Some(segment_count(s, rule)?),
@@ -301,6 +323,7 @@ impl<B: Backend> HiciLlama<B> {
         ids: Tensor<B, 2, Int>,
         mode: AttentionMode,
     ) -> Result<Tensor<B, 3>, ModelError> {
+        self.check_ids(&ids)?;
         let (x, _, _) = self.run(ids, mode, None, false)?;
         Ok(self.head(x, Logits::All))
     }
@@ -311,6 +334,7 @@ impl<B: Backend> HiciLlama<B> {
         ids: Tensor<B, 2, Int>,
         mode: AttentionMode,
     ) -> Result<(Tensor<B, 3>, Vec<LayerTrace<B>>), ModelError> {
+        self.check_ids(&ids)?;
         let (x, _, t) = self.run(ids, mode, None, true)?;
         Ok((self.head(x, Logits::All), t))
     }
@@ -319,6 +343,29 @@ impl<B: Backend> HiciLlama<B> {
     /// decode cache. `mode` must be [`AttentionMode::Full`] (token cache) or
     /// [`AttentionMode::Inference`] (cache per `decode_cache`).
     pub fn prefill(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        mode: AttentionMode,
+        decode_cache: DecodeCache,
+        logits: Logits,
+    ) -> Result<(Tensor<B, 3>, KvCache<B>), ModelError> {
+        self.check_ids(&ids)?;
+        self.prefill_checked(ids, mode, decode_cache, logits)
+    }
+
+    /// [`Self::prefill`] from host token ids `[P]` (batch 1), checked on the host.
+    pub fn prefill_tokens(
+        &self,
+        ids: &[i64],
+        mode: AttentionMode,
+        decode_cache: DecodeCache,
+        logits: Logits,
+    ) -> Result<(Tensor<B, 3>, KvCache<B>), ModelError> {
+        let ids = self.token_tensor(ids)?;
+        self.prefill_checked(ids, mode, decode_cache, logits)
+    }
+
+    fn prefill_checked(
         &self,
         ids: Tensor<B, 2, Int>,
         mode: AttentionMode,
@@ -338,6 +385,26 @@ impl<B: Backend> HiciLlama<B> {
         cache: &mut KvCache<B>,
     ) -> Result<Tensor<B, 3>, ModelError> {
         self.check_ids(&ids)?;
+        self.decode_checked(ids, cache)
+    }
+
+    /// [`Self::decode`] from host token ids `[s_new]` (batch 1). The ids are checked on the
+    /// host, so a step reads nothing back from the device before its logits (one device
+    /// sync per generated token instead of two). Generation loops should use this.
+    pub fn decode_tokens(
+        &self,
+        ids: &[i64],
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 3>, ModelError> {
+        let ids = self.token_tensor(ids)?;
+        self.decode_checked(ids, cache)
+    }
+
+    fn decode_checked(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        cache: &mut KvCache<B>,
+    ) -> Result<Tensor<B, 3>, ModelError> {
         if cache.layers.len() != self.layers.len() {
             return Err(ModelError::Config(format!(
                 "cache has {} layers, model has {}",

@@ -261,3 +261,39 @@ fn rope_factor_precedence() {
     assert_eq!(resolve_rope_factor(None, &cfg, Some(16384)), 2.0);
     assert_eq!(resolve_rope_factor(Some(8.0), &cfg, Some(16384)), 8.0);
 }
+
+/// The in-place, growing KV cache holds exactly what concatenating every append would, with
+/// or without a reservation, across growth steps and multi-token appends.
+#[test]
+fn layer_cache_appends_equal_concatenation() {
+    let (b, h, d) = (1, 2, 4);
+    let piece = |n: usize, seed: u64| t(rnd(b * h * n * d, seed), [b, h, n, d]);
+    let sizes = [5usize, 1, 1, 70, 1, 3, 64, 1];
+    for reserve in [None, Some(10), Some(200)] {
+        let mut cache = LayerCache::new(piece(5, 1), piece(5, 2));
+        let mut want_k = vec![piece(5, 1)];
+        let mut want_v = vec![piece(5, 2)];
+        if let Some(r) = reserve {
+            cache.reserve(r);
+            assert!(cache.capacity() >= 5 + r);
+        }
+        for (i, &n) in sizes.iter().enumerate().skip(1) {
+            let cap_before = cache.capacity();
+            let (k, v) = (piece(n, 10 + i as u64), piece(n, 100 + i as u64));
+            cache.append(k.clone(), v.clone());
+            want_k.push(k);
+            want_v.push(v);
+            let len = cache.len();
+            assert_eq!(len, want_k.iter().map(|x| x.dims()[2]).sum::<usize>());
+            assert!(cache.capacity() >= len);
+            if len <= cap_before {
+                assert_eq!(cache.capacity(), cap_before, "grew while it had room");
+            }
+            let wk = Tensor::cat(want_k.clone(), 2);
+            let wv = Tensor::cat(want_v.clone(), 2);
+            assert_eq!(cache.keys().dims(), [b, h, len, d]);
+            cache.keys().into_data().assert_eq(&wk.into_data(), true);
+            cache.values().into_data().assert_eq(&wv.into_data(), true);
+        }
+    }
+}

@@ -69,17 +69,11 @@ pub fn truncate_middle(ids: &[u32], max_len: usize) -> Vec<u32> {
     out
 }
 
-fn ids_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
-    let v: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
-    Tensor::from_data(TensorData::new(v, [1, ids.len()]), device)
-}
-
 /// Generates from `prompt` (ids, BOS included). `on_text` receives streamed text (needs a
 /// tokenizer; without one nothing is streamed and `text` stays empty). `cancel` is polled
 /// between tokens.
 pub fn generate<B: Backend>(
     model: &HiciLlama<B>,
-    device: &B::Device,
     prompt: &[u32],
     opts: &GenerateOptions,
     tokenizer: Option<&HiciTokenizer>,
@@ -111,12 +105,14 @@ pub fn generate<B: Backend>(
     let mut history = prompt.to_vec();
 
     let t0 = Instant::now();
-    let (logits, mut cache) = model.prefill(
-        ids_tensor::<B>(prompt, device),
-        opts.mode,
-        opts.decode_cache,
-        Logits::Last,
-    )?;
+    let prompt_ids: Vec<i64> = prompt.iter().map(|&x| x as i64).collect();
+    let (logits, mut cache) =
+        model.prefill_tokens(&prompt_ids, opts.mode, opts.decode_cache, Logits::Last)?;
+    // room for every token this call may still append: decoding then never reallocates
+    cache.reserve(
+        opts.max_new_tokens
+            .min(opts.max_context.saturating_sub(prompt.len())),
+    );
     let mut row = to_vec_f32(logits);
     let prefill_s = t0.elapsed().as_secs_f64();
     let mut ttft = 0.0;
@@ -159,7 +155,7 @@ pub fn generate<B: Backend>(
             stop = StopReason::ContextFull;
             break;
         }
-        row = to_vec_f32(model.decode(ids_tensor::<B>(&[next], device), &mut cache)?);
+        row = to_vec_f32(model.decode_tokens(&[next as i64], &mut cache)?);
     }
     if let Some(s) = stream.as_mut() {
         let rest = s.finish()?;

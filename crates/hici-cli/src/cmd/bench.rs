@@ -285,9 +285,10 @@ fn run_once<B: Backend>(
     device: &B::Device,
 ) -> Result<Sample> {
     let vocab = model.vocab_size();
-    let ids = ids_tensor::<B>(&random_ids(rng, r.prompt, vocab), device);
+    let prompt = random_ids(rng, r.prompt, vocab);
     let mode = attention_mode(r.mode, r.segments);
     if !has_decode(r.mode) {
+        let ids = ids_tensor::<B>(&prompt, device);
         let t0 = Instant::now();
         let logits = prefill_segmented(model, ids, mode)?;
         let _ = to_vec_f32(logits);
@@ -298,7 +299,8 @@ fn run_once<B: Backend>(
         });
     }
     let t0 = Instant::now();
-    let (logits, mut cache) = model.prefill(ids, mode, m.decode_cache(), Logits::Last)?;
+    let (logits, mut cache) =
+        model.prefill_tokens(&prompt, mode, m.decode_cache(), Logits::Last)?;
     let row = to_vec_f32(logits);
     let prefill = t0.elapsed().as_secs_f64();
     let mut next = argmax(&row);
@@ -310,11 +312,13 @@ fn run_once<B: Backend>(
             decode: None,
         });
     }
+    // as `generate` does: one reservation, so no timed step reallocates the cache
+    cache.reserve(r.depth + r.gen);
     let mut left = r.depth;
     while left > 0 && !crate::interrupted() {
         let n = left.min(DEPTH_CHUNK);
         let chunk = random_ids(rng, n, vocab);
-        let logits = model.decode(ids_tensor::<B>(&chunk, device), &mut cache)?;
+        let logits = model.decode_tokens(&chunk, &mut cache)?;
         next = argmax(&to_vec_f32(logits.narrow(1, n - 1, 1)));
         left -= n;
     }
@@ -323,7 +327,7 @@ fn run_once<B: Backend>(
         if crate::interrupted() {
             break;
         }
-        let logits = model.decode(ids_tensor::<B>(&[next], device), &mut cache)?;
+        let logits = model.decode_tokens(&[next], &mut cache)?;
         next = argmax(&to_vec_f32(logits));
     }
     Ok(Sample {

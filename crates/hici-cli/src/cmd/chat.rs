@@ -80,7 +80,6 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &ChatArgs, dev: &B::Device) -> Result<(
         };
         let res = generate(
             &loaded.model,
-            dev,
             &ids,
             &opts,
             Some(tok),

@@ -194,7 +194,6 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &GenerateArgs, dev: &B::Device) -> Resu
     };
     let res = generate(
         &loaded.model,
-        dev,
         &ids,
         &opts,
         tok,

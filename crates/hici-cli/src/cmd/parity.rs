@@ -86,9 +86,7 @@ fn greedy<B: Backend>(
         let next = hici_runtime::sampler::argmax(&rows[rows.len() - v..]) as i64;
         out.push(next);
         if step + 1 < steps {
-            rows.extend(to_vec_f32(
-                model.decode(ids::<B>(&[next], dev), &mut cache)?,
-            ));
+            rows.extend(to_vec_f32(model.decode_tokens(&[next], &mut cache)?));
         }
     }
     Ok((out, rows))

@@ -82,7 +82,6 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &PasskeyArgs, dev: &B::Device) -> Resul
             };
             let out = generate(
                 &loaded.model,
-                dev,
                 &prompt,
                 &opts,
                 None,
