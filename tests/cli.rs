@@ -356,4 +356,30 @@ fn devices_lists_compiled_in_backends() {
         .unwrap()
         .iter()
         .any(|d| d == "ndarray"));
+    let devices = v["devices"].as_array().unwrap();
+    let of = |b: &'static str| devices.iter().filter(move |d| d["backend"] == b);
+    assert_eq!(of("ndarray").count(), 1);
+    if cfg!(feature = "cuda") {
+        // every CUDA row names a device (name + memory) or says why there is none
+        for d in of("cuda") {
+            assert!(
+                d["memory_bytes"].as_u64().is_some() || d["why"].is_string(),
+                "{d}"
+            );
+        }
+        assert!(of("cuda").count() >= 1);
+    }
+    if cfg!(feature = "wgpu") {
+        assert!(of("wgpu").count() >= 1);
+        for d in of("wgpu") {
+            assert!(d["api"].is_string() || d["why"].is_string(), "{d}");
+        }
+        // CI installs lavapipe: the software Vulkan adapter must show up by name
+        if std::env::var_os("HICI_SKIP_WGPU").is_none() {
+            assert!(
+                of("wgpu").any(|d| d["usable"] == true && d["device"].is_string()),
+                "no usable wgpu adapter listed: {v}"
+            );
+        }
+    }
 }

@@ -1,52 +1,153 @@
-//! `hici devices`.
+//! `hici devices`: the backends compiled in and the devices each one finds.
 
 use crate::args::ModelArgs;
 use crate::backend::compiled_in;
 use anyhow::Result;
+use serde_json::{json, Value};
 
 pub fn run(m: &ModelArgs) -> Result<()> {
-    let mut found = Vec::new();
-    found.push(serde_json::json!({"backend": "ndarray", "device": "cpu", "available": cfg!(feature = "ndarray")}));
+    let mut found = vec![json!({
+        "backend": "ndarray",
+        "device": "cpu",
+        "select": "--device ndarray",
+        "detail": format!(
+            "{} logical cores",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ),
+    })];
     #[cfg(feature = "wgpu")]
-    {
-        found.push(serde_json::json!({
-            "backend": "wgpu",
-            "device": "default adapter (Vulkan/Metal/DX12; CUBECL_WGPU_DEFAULT_DEVICE overrides)",
-            "available": true,
-        }));
-    }
+    found.extend(wgpu_adapters());
     #[cfg(feature = "cuda")]
-    {
-        match crate::backend::cuda_device_count() {
-            Ok(n) => {
-                for i in 0..n {
-                    found.push(serde_json::json!({"backend": "cuda", "device": format!("cuda:{i}"), "available": true}));
-                }
-                if n == 0 {
-                    found.push(serde_json::json!({"backend": "cuda", "device": "none", "available": false, "why": "no CUDA device found"}));
-                }
-            }
-            Err(e) => found.push(serde_json::json!({"backend": "cuda", "device": "none", "available": false, "why": e.to_string()})),
-        }
-    }
+    found.extend(cuda_devices());
     if m.json {
         println!(
             "{}",
-            serde_json::json!({"compiled_in": compiled_in(), "devices": found})
+            json!({"compiled_in": compiled_in(), "devices": found})
         );
     } else {
         println!("compiled in: {}", compiled_in().join(", "));
-        for d in found {
-            println!(
-                "  {:8} {}{}",
-                d["backend"].as_str().unwrap_or(""),
-                d["device"].as_str().unwrap_or(""),
-                d.get("why")
-                    .and_then(|w| w.as_str())
-                    .map(|w| format!(" ({w})"))
-                    .unwrap_or_default()
-            );
+        for d in &found {
+            let s = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("");
+            let mut line = format!("  {:8} {}", s("backend"), s("device"));
+            for k in ["detail", "select", "why"] {
+                if !s(k).is_empty() {
+                    line.push_str(&format!("  [{}]", s(k)));
+                }
+            }
+            println!("{line}");
         }
     }
     Ok(())
+}
+
+/// Every adapter wgpu can see (name, graphics API, device type, driver). burn's `wgpu`
+/// device picks one of them (`CUBECL_WGPU_DEFAULT_DEVICE` overrides the choice).
+#[cfg(feature = "wgpu")]
+fn wgpu_adapters() -> Vec<Value> {
+    let probe = || {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+            .iter()
+            .map(|a| a.get_info())
+            .collect::<Vec<_>>()
+    };
+    use burn::backend::wgpu::graphics::{AutoGraphicsApi, GraphicsApi};
+    let burn_api = AutoGraphicsApi::backend();
+    match quiet_catch(probe) {
+        Some(infos) if !infos.is_empty() => infos
+            .into_iter()
+            .map(|i| {
+                let driver = [i.driver.trim(), i.driver_info.trim()]
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let used = i.backend == burn_api;
+                json!({
+                    "backend": "wgpu",
+                    "device": i.name,
+                    "api": format!("{:?}", i.backend),
+                    "type": format!("{:?}", i.device_type),
+                    "driver": driver,
+                    "usable": used,
+                    "detail": format!("{:?}, {:?}, driver {driver}", i.backend, i.device_type),
+                    "select": if used {
+                        "--device wgpu".to_string()
+                    } else {
+                        format!("not used: burn's wgpu runs on {burn_api:?} here")
+                    },
+                })
+            })
+            .collect(),
+        Some(_) => vec![json!({
+            "backend": "wgpu", "device": "none", "available": false,
+            "why": "no adapter found (no Vulkan/Metal/DX12/GL driver; on Linux without a GPU \
+                    install mesa-vulkan-drivers for lavapipe)",
+        })],
+        None => vec![json!({
+            "backend": "wgpu", "device": "none", "available": false,
+            "why": "wgpu failed while enumerating adapters",
+        })],
+    }
+}
+
+/// CUDA devices with name, memory and compute capability, probed without letting burn
+/// touch the driver (burn panics when libcuda is missing).
+#[cfg(feature = "cuda")]
+fn cuda_devices() -> Vec<Value> {
+    let n = match crate::backend::cuda_device_count() {
+        Ok(0) => {
+            return vec![
+                json!({"backend": "cuda", "device": "none", "available": false,
+                "why": "no CUDA device found"}),
+            ]
+        }
+        Ok(n) => n,
+        Err(e) => {
+            return vec![
+                json!({"backend": "cuda", "device": "none", "available": false,
+                "why": e.to_string()}),
+            ]
+        }
+    };
+    (0..n)
+        .map(|i| {
+            let info = quiet_catch(|| {
+                let ctx = cudarc::driver::CudaContext::new(i)?;
+                Ok::<_, cudarc::driver::DriverError>((
+                    ctx.name()?,
+                    ctx.total_mem()?,
+                    ctx.compute_capability()?,
+                ))
+            });
+            match info {
+                Some(Ok((name, mem, (major, minor)))) => json!({
+                    "backend": "cuda",
+                    "device": name,
+                    "index": i,
+                    "memory_bytes": mem,
+                    "compute_capability": format!("{major}.{minor}"),
+                    "detail": format!("{:.1} GiB, compute {major}.{minor}",
+                        mem as f64 / (1u64 << 30) as f64),
+                    "select": format!("--device cuda:{i}"),
+                }),
+                Some(Err(e)) => json!({"backend": "cuda", "device": format!("cuda:{i}"),
+                    "index": i, "available": false, "why": format!("{e:?}")}),
+                None => json!({"backend": "cuda", "device": format!("cuda:{i}"),
+                    "index": i, "available": false, "why": "the CUDA driver panicked"}),
+            }
+        })
+        .collect()
+}
+
+/// Runs `f`, turning a panic into `None` without printing it.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn quiet_catch<T>(f: impl FnOnce() -> T) -> Option<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    r.ok()
 }
