@@ -26,7 +26,8 @@ def main():
     ap.add_argument("--hici", type=Path, default=ROOT / "target/release/hici")
     ap.add_argument("--config", type=Path, default=ROOT / "bench/configs/cpu-512x8.json")
     ap.add_argument("--lens", default="1024,2048,4096,8192,16384")
-    ap.add_argument("--modes", default="full,hici-segmented")
+    ap.add_argument("--modes", default="full,hici-segmented",
+                    help="comma-separated; hici-segmented@T means segments of T tokens (S/T of them)")
     ap.add_argument("--segments", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--iters", type=int, default=2)
@@ -45,14 +46,19 @@ def main():
     # one process per (mode, length), each after waiting for a quiet machine
     for mode in args.modes.split(","):
         for n in args.lens.split(","):
+            # "hici-segmented@T": segments of T tokens (S/T segments) instead of --segments
+            base, _, seg_len = mode.partition("@")
+            segments = int(n) // int(seg_len) if seg_len else args.segments
             cmd = [
                 exe, "bench", "--synthetic", rel(args.config), "--prompt-len", n,
-                "--modes", mode, "--segments", str(args.segments), "--gen-len", "0",
+                "--modes", base, "--segments", str(segments), "--gen-len", "0",
                 "--warmup", str(args.warmup), "--iters", str(args.iters), "--json",
             ]
             quiet.append({"mode": mode, "prompt_len": int(n), **wait_quiet(args.wait_quiet)})
             print("+", " ".join(cmd), file=sys.stderr)
             d = json.loads(subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, check=True).stdout)
+            for r in d["results"]:
+                r["mode"] = mode
             if doc is None:
                 doc = d
             else:
