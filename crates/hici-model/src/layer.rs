@@ -7,7 +7,7 @@ use crate::error::ModelError;
 use crate::hici::broadcast::slot_prefix;
 use crate::hici::{GlobalIntegrator, LocalConstructor};
 use crate::lora::{Linear, LoraLinear};
-use crate::rope::{apply_rope, Rope};
+use crate::rope::{apply_rope, RopeTables};
 use crate::tensor_util::{as_dtype, as_f32, to_param};
 use crate::weights::{take_shaped, WeightSource};
 use burn::module::Param;
@@ -158,20 +158,21 @@ impl<B: Backend> SelfAttention<B> {
         x.reshape([n, s, heads, self.head_dim]).swap_dims(1, 2)
     }
 
-    /// Full causal attention over `a: [b, S, H]` at positions `pos0 ..` (Mode F).
+    /// Full causal attention over `a: [b, S, H]` at the positions of `rope` (tables `[S, hd]`, Mode F).
     ///
     /// Returns the output and, if `keep_cache`, the token K/V as a cache.
     pub fn forward_full(
         &self,
         a: Tensor<B, 3>,
-        pos0: usize,
-        rope: &Rope,
+        rope: &RopeTables<B>,
         keep_cache: bool,
         kernel: AttentionKernel,
     ) -> AttentionOutput<B> {
         let [b, s, _] = a.dims();
-        let (cos, sin) = rope.tables::<B>(pos0, s, &a.device());
-        let (cos, sin) = (cos.unsqueeze_dim::<3>(0), sin.unsqueeze_dim::<3>(0));
+        let (cos, sin) = (
+            rope.cos.clone().unsqueeze_dim::<3>(0),
+            rope.sin.clone().unsqueeze_dim::<3>(0),
+        );
         let q = apply_rope(
             self.split_heads(self.q_proj.forward(a.clone()), self.n_heads),
             &cos,
@@ -199,15 +200,14 @@ impl<B: Backend> SelfAttention<B> {
 
     /// HiCI attention over `a: [b, S, H]` cut into `n_seg` equal segments (Modes T, T-SFT, I).
     ///
-    /// Token positions are global (`pos0 + index in the sequence`), never reset per segment.
+    /// Token positions are global (`rope.start + index in the sequence`; `rope` tables are `[S, hd]`), never reset per segment.
     /// With `cache = Some(kind)` (only meaningful for one segment) the layer's decode cache is
     /// returned as well.
     pub fn forward_hici(
         &self,
         a: Tensor<B, 3>,
         n_seg: usize,
-        pos0: usize,
-        rope: &Rope,
+        rope: &RopeTables<B>,
         cache: Option<DecodeCache>,
         kernel: AttentionKernel,
     ) -> Result<AttentionOutput<B>, ModelError> {
@@ -225,7 +225,6 @@ impl<B: Backend> SelfAttention<B> {
         let t = s / n_seg;
         let bn = b * n_seg;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let device = a.device();
         let seg = a.reshape([bn, t, h]);
 
         // 1. local construction, per segment
@@ -240,9 +239,8 @@ impl<B: Backend> SelfAttention<B> {
         let pv = self.split_heads(self.v_proj.forward(prefix), nkv);
 
         // token projections with RoPE at global positions
-        let (cos, sin) = rope.tables::<B>(pos0, s, &device); // [S, hd]
-        let cos = cos.reshape([n_seg, t, hd]).repeat_dim(0, b); // [bN, T, hd]
-        let sin = sin.reshape([n_seg, t, hd]).repeat_dim(0, b);
+        let cos = rope.cos.clone().reshape([n_seg, t, hd]).repeat_dim(0, b); // [bN, T, hd]
+        let sin = rope.sin.clone().reshape([n_seg, t, hd]).repeat_dim(0, b);
         let q = apply_rope(
             self.split_heads(self.q_proj.forward(seg.clone()), nh),
             &cos,
@@ -289,19 +287,20 @@ impl<B: Backend> SelfAttention<B> {
         })
     }
 
-    /// One decode step: `x: [b, s_new, H]` at positions `pos ..`, attending over the whole
+    /// One decode step: `x: [b, s_new, H]` at the positions of `rope` (tables `[s_new, hd]`), attending over the whole
     /// cache plus itself (causally among the new tokens). Appends to `cache`.
     pub fn forward_decode(
         &self,
         x: Tensor<B, 3>,
-        pos: usize,
-        rope: &Rope,
+        rope: &RopeTables<B>,
         cache: &mut LayerCache<B>,
         kernel: AttentionKernel,
     ) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
-        let (cos, sin) = rope.tables::<B>(pos, s, &x.device());
-        let (cos, sin) = (cos.unsqueeze_dim::<3>(0), sin.unsqueeze_dim::<3>(0));
+        let (cos, sin) = (
+            rope.cos.clone().unsqueeze_dim::<3>(0),
+            rope.sin.clone().unsqueeze_dim::<3>(0),
+        );
         let q = apply_rope(
             self.split_heads(self.q_proj.forward(x.clone()), self.n_heads),
             &cos,

@@ -25,6 +25,6 @@ pub use config::{
 };
 pub use error::ModelError;
 pub use model::{AttentionMode, HiciLlama, LayerTrace, Logits};
-pub use rope::Rope;
+pub use rope::{Rope, RopeTables};
 pub use tensor_util::to_vec_f32;
 pub use weights::{HostTensor, WeightMap, WeightSource};

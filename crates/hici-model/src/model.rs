@@ -270,6 +270,7 @@ impl<B: Backend> HiciLlama<B> {
             ));
         }
         let mut x = self.embed(ids);
+        let rope = self.rope.tables_for::<B>(0, s, &x.device());
         let mut caches = Vec::new();
         let mut traces = Vec::new();
         for layer in &self.layers {
@@ -277,19 +278,15 @@ impl<B: Backend> HiciLlama<B> {
             let out = match segments {
                 None => layer.self_attn.forward_full(
                     a.clone(),
-                    0,
-                    &self.rope,
+                    &rope,
                     cache_kind.is_some(),
                     self.kernel,
                 ),
-                Some(n) => layer.self_attn.forward_hici(
-                    a.clone(),
-                    n,
-                    0,
-                    &self.rope,
-                    cache_kind,
-                    self.kernel,
-                )?,
+                Some(n) => {
+                    layer
+                        .self_attn
+                        .forward_hici(a.clone(), n, &rope, cache_kind, self.kernel)?
+                }
             };
             if trace {
                 traces.push(LayerTrace {
@@ -415,11 +412,10 @@ impl<B: Backend> HiciLlama<B> {
         let s = ids.dims()[1];
         let pos = cache.next_position;
         let mut x = self.embed(ids);
+        let rope = self.rope.tables_for::<B>(pos, s, &x.device());
         for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let a = layer.input_layernorm.forward(x.clone());
-            let out = layer
-                .self_attn
-                .forward_decode(a, pos, &self.rope, lc, self.kernel);
+            let out = layer.self_attn.forward_decode(a, &rope, lc, self.kernel);
             x = layer.finish(x, out);
         }
         cache.next_position += s;

@@ -70,6 +70,31 @@ impl Rope {
     }
 }
 
+/// cos/sin tables `[len, hd]` (f32) for positions `start .. start+len`: built once per forward
+/// call or decode step and shared by every layer.
+#[derive(Debug, Clone)]
+pub struct RopeTables<B: Backend> {
+    /// First position covered.
+    pub start: usize,
+    /// `[len, hd]`.
+    pub cos: Tensor<B, 2>,
+    /// `[len, hd]`.
+    pub sin: Tensor<B, 2>,
+}
+
+impl Rope {
+    /// [`Self::tables`] packed as [`RopeTables`].
+    pub fn tables_for<B: Backend>(
+        &self,
+        start: usize,
+        len: usize,
+        device: &B::Device,
+    ) -> RopeTables<B> {
+        let (cos, sin) = self.tables::<B>(start, len, device);
+        RopeTables { start, cos, sin }
+    }
+}
+
 /// `x * cos + rotate_half(x) * sin` for `x: [n, h, s, hd]` and tables `[n | 1, s, hd]`
 /// (broadcast over heads, and over `n` when the table has one row block).
 pub fn apply_rope<B: Backend>(

@@ -248,11 +248,12 @@ fn prefill_segmented<B: Backend>(
     };
     let n = segment_count(s, rule)?;
     let mut x = model.embed(ids);
+    let rope = model.rope.tables_for::<B>(0, s, &x.device());
     for layer in &model.layers {
         let a = layer.input_layernorm.forward(x.clone());
         let out = layer
             .self_attn
-            .forward_hici(a, n, 0, &model.rope, None, model.kernel)?;
+            .forward_hici(a, n, &rope, None, model.kernel)?;
         x = layer.finish(x, out.out);
     }
     let last = x.narrow(1, s - 1, 1);
