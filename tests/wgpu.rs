@@ -14,7 +14,12 @@ use hici::model::{to_vec_f32, AttentionMode, DecodeCache, HiciLlama, Logits, Lor
 type W = burn::backend::Wgpu<f32, i32>;
 const TOL: f32 = 1e-3;
 
-fn greedy(model: &HiciLlama<W>, ids: &[i64], steps: usize) -> (Vec<i64>, Vec<f32>) {
+/// Greedy decoding of `steps` tokens after a Mode I prefill: (ids, every step's logits).
+fn greedy<B: burn::tensor::backend::Backend>(
+    model: &HiciLlama<B>,
+    ids: &[i64],
+    steps: usize,
+) -> (Vec<i64>, Vec<f32>) {
     let (logits, mut cache) = model
         .prefill_tokens(
             ids,
@@ -27,20 +32,12 @@ fn greedy(model: &HiciLlama<W>, ids: &[i64], steps: usize) -> (Vec<i64>, Vec<f32
     let v = rows.len();
     let mut out = Vec::new();
     for step in 0..steps {
-        let last = &rows[rows.len() - v..];
-        let mut best = 0;
-        for (i, &x) in last.iter().enumerate() {
-            if x > last[best] {
-                best = i;
-            }
-        }
-        out.push(best as i64);
+        let best = hici::runtime::sampler::argmax(&rows[rows.len() - v..]) as i64;
+        out.push(best);
         if step + 1 == steps {
             break;
         }
-        let l = model
-            .decode_tokens(&[best as i64], &mut cache)
-            .expect("decode");
+        let l = model.decode_tokens(&[best], &mut cache).expect("decode");
         rows.extend(to_vec_f32(l));
     }
     (out, rows)
@@ -178,26 +175,7 @@ fn wgpu_f16_decode_without_fusion_matches_reference_ids() {
         .expect("lavapipe supports f16");
     let want = expected("greedy_decode_unscrambled_cache_NONREFERENCE.safetensors");
     let ids = input_ids("prompt1_ids");
-    let (logits, mut cache) = model
-        .prefill_tokens(
-            &ids,
-            AttentionMode::Inference,
-            DecodeCache::Slots,
-            Logits::Last,
-        )
-        .expect("prefill");
-    let mut rows = to_vec_f32(logits);
-    let v = rows.len();
-    let mut out = Vec::new();
-    for step in 0..16 {
-        let best = hici::runtime::sampler::argmax(&rows[rows.len() - v..]) as i64;
-        out.push(best);
-        if step + 1 < 16 {
-            rows.extend(to_vec_f32(
-                model.decode_tokens(&[best], &mut cache).expect("decode"),
-            ));
-        }
-    }
+    let (out, rows) = greedy(&model, &ids, 16);
     assert_eq!(out, want["prompt1_generated_ids"].i64);
     assert_close(
         "wgpu f16 (unfused) greedy decode prompt1, 16 steps",
