@@ -3,14 +3,19 @@
 # (the release binary with cuda + wgpu compiled in, this script and the tiny fixture).
 # No Rust toolchain is needed there. Writes JSON results to $RESULTS (default ./gpu-results).
 #
-#   ./gpu-check.sh            # parity on CUDA (f32), then a 7B-shaped random-weight benchmark
+#   ./gpu-check.sh            # parity on CUDA (f32, flash, bf16, f16), then a 7B-shaped
+#                             # random-weight benchmark in bf16 and f32
 #
 # Steps (each one's output is kept even when a later one fails):
 #   1. hici devices            - what the binary sees
 #   2. hici parity --device cuda  - the fixture's reference logits, merged + unmerged LoRA,
-#                                   modes I / F / T, greedy decode (tolerance 1e-3)
+#                                   modes I / F / T, greedy decode. f32 with the exact
+#                                   attention (max 1e-3) and with flash kernels (1e-2); bf16
+#                                   (max 2.0, rms 0.15) and f16 (0.15, 0.02): half precision
+#                                   runs without burn's fusion layer (--fusion auto)
 #   3. hici bench --synthetic 7b  - 4K and 16K prompts, modes full and hici: prefill and
-#                                   decode tok/s, time to first token, peak GPU memory
+#                                   decode tok/s, time to first token, peak GPU memory; bf16
+#                                   first (what a server runs), then f32
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 BIN=${HICI_BIN:-$here/hici}
@@ -19,6 +24,8 @@ FIXTURE=${HICI_FIXTURE:-$here/tiny-hici-a}
 [ -d "$FIXTURE" ] || FIXTURE=$here/../tests/fixtures/tiny-hici-a
 RESULTS=${RESULTS:-./gpu-results}
 LENS=${HICI_BENCH_LENS:-4096,16384}
+DEV=${HICI_DEVICE:-cuda}      # e.g. HICI_DEVICE=wgpu to try the script on another backend
+SYNTH=${HICI_SYNTHETIC:-7b}   # e.g. HICI_SYNTHETIC=tiny HICI_BENCH_LENS=256 for a dry run
 mkdir -p "$RESULTS"
 rc=0
 run() { # name, command...
@@ -33,8 +40,13 @@ run() { # name, command...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS/nvidia-smi.csv" 2>&1 || true
 run devices "$BIN" devices --json
-run parity_cuda_f32 "$BIN" parity --fixture "$FIXTURE" --device cuda --json
-run bench_7b_cuda "$BIN" bench --synthetic 7b --device cuda --prompt-len "$LENS" --gen-len 32 \
+run parity_f32 "$BIN" parity --fixture "$FIXTURE" --device "$DEV" --json
+run parity_f32_flash "$BIN" parity --fixture "$FIXTURE" --device "$DEV" --attention flash --json
+run parity_bf16 "$BIN" parity --fixture "$FIXTURE" --device "$DEV" --dtype bf16 --json
+run parity_f16 "$BIN" parity --fixture "$FIXTURE" --device "$DEV" --dtype f16 --json
+run bench_bf16 "$BIN" bench --synthetic "$SYNTH" --device "$DEV" --dtype bf16 --prompt-len "$LENS" \
+  --gen-len 32 --modes full,hici --warmup 1 --iters 2 --json
+run bench_f32 "$BIN" bench --synthetic "$SYNTH" --device "$DEV" --prompt-len "$LENS" --gen-len 32 \
   --modes full,hici --warmup 1 --iters 2 --json
 echo "results in $RESULTS" >&2
 exit $rc

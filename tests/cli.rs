@@ -348,6 +348,34 @@ fn ctrl_c_stops_cleanly_with_exit_130() {
     assert!(!out.stdout.is_empty(), "partial output was flushed");
 }
 
+/// `hici parity` (the command a GPU machine runs) passes on ndarray with its default f32
+/// tolerance, and fails with exit 1 and a JSON report when the tolerance is below the
+/// measured differences.
+#[test]
+fn parity_command_passes_and_can_fail() {
+    let fx = fixture();
+    let fx = fx.to_str().unwrap();
+    let v = json_of(&hici(&["parity", "--fixture", fx, "--json"]));
+    assert_eq!(v["failed"], 0, "{v}");
+    assert_eq!(v["tolerance"].as_f64().unwrap() as f32, 1e-4);
+    let checks = v["checks"].as_array().unwrap();
+    assert_eq!(checks.len(), 10, "{v}");
+    for c in checks {
+        assert!(c["max_abs_diff"].as_f64().unwrap() <= 1e-4, "{c}");
+        assert!(c["rms_diff"].as_f64().unwrap() > 0.0, "{c}");
+    }
+    let out = hici(&["parity", "--fixture", fx, "--tolerance", "1e-7", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["failed"], 10, "{v}");
+    assert_clean_error(&out, "above tolerance");
+    assert_clean_error(
+        &hici(&["parity", "--fixture", "no/such/dir"]),
+        "no/such/dir",
+    );
+    assert_clean_error(&hici(&["parity", "--fixture", fx, "--dtype", "f16"]), "f16");
+}
+
 #[test]
 fn devices_lists_compiled_in_backends() {
     let v = json_of(&hici(&["devices", "--json"]));

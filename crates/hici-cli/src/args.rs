@@ -37,6 +37,17 @@ pub enum DtypeArg {
     Bf16,
 }
 
+/// `--fusion`: burn's kernel-fusion layer on the GPU backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FusionArg {
+    /// On for f32; off for f16/bf16, whose decoding crashes burn 0.21's fusion engine.
+    Auto,
+    /// Fuse element-wise chains into fewer kernels (burn's `Fusion` backend).
+    On,
+    /// One kernel per op (burn's plain `CubeBackend`).
+    Off,
+}
+
 /// `--attention`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AttentionArg {
@@ -80,6 +91,9 @@ pub struct ModelArgs {
     /// Weight and activation precision.
     #[arg(long, value_enum, default_value = "f32", global = true)]
     pub dtype: DtypeArg,
+    /// Kernel fusion on wgpu/CUDA (ignored on ndarray).
+    #[arg(long, value_enum, default_value = "auto", global = true)]
+    pub fusion: FusionArg,
     /// Attention mode.
     #[arg(long, value_enum, default_value = "hici", global = true)]
     pub mode: ModeArg,
@@ -137,6 +151,15 @@ impl ModelArgs {
             (AttentionArg::Flash, _) => AttentionKernel::Flash,
             (AttentionArg::Auto, DeviceChoice::Cuda(_)) => AttentionKernel::Flash,
             (AttentionArg::Auto, _) => AttentionKernel::Exact,
+        }
+    }
+
+    /// Whether the GPU backend runs with burn's fusion layer.
+    pub fn fused(&self) -> bool {
+        match self.fusion {
+            FusionArg::On => true,
+            FusionArg::Off => false,
+            FusionArg::Auto => self.dtype == DtypeArg::F32,
         }
     }
 

@@ -103,31 +103,50 @@ pub fn check_available(choice: DeviceChoice) -> Result<()> {
     }
 }
 
-/// Runs `$body` with `$B` bound to the backend type and `$dev` to its device.
+/// Runs `$body` with `$B` bound to the backend type and `$dev` to its device. `$fused`
+/// selects burn's fusion layer on wgpu/CUDA (`Fusion<CubeBackend<..>>`) or the plain
+/// `CubeBackend`; it is ignored on ndarray.
 #[macro_export]
 macro_rules! with_backend {
-    ($choice:expr, |$B:ident, $dev:ident| $body:expr) => {{
-        match $choice {
+    ($choice:expr, $fused:expr, |$B:ident, $dev:ident| $body:expr) => {{
+        match ($choice, $fused) {
             #[cfg(feature = "ndarray")]
-            $crate::backend::DeviceChoice::Ndarray => {
+            ($crate::backend::DeviceChoice::Ndarray, _) => {
                 type $B = burn::backend::NdArray<f32>;
                 let $dev = burn::backend::ndarray::NdArrayDevice::Cpu;
                 $body
             }
             #[cfg(feature = "wgpu")]
-            $crate::backend::DeviceChoice::Wgpu => {
+            ($crate::backend::DeviceChoice::Wgpu, true) => {
                 type $B = burn::backend::Wgpu<f32, i32>;
                 let $dev = burn::backend::wgpu::WgpuDevice::DefaultDevice;
                 $body
             }
+            #[cfg(feature = "wgpu")]
+            ($crate::backend::DeviceChoice::Wgpu, false) => {
+                type $B = burn::backend::wgpu::CubeBackend<
+                    burn::backend::wgpu::WgpuRuntime,
+                    f32,
+                    i32,
+                    u32,
+                >;
+                let $dev = burn::backend::wgpu::WgpuDevice::DefaultDevice;
+                $body
+            }
             #[cfg(feature = "cuda")]
-            $crate::backend::DeviceChoice::Cuda(i) => {
+            ($crate::backend::DeviceChoice::Cuda(i), true) => {
                 type $B = burn::backend::Cuda<f32, i32>;
                 let $dev = burn::backend::cuda::CudaDevice::new(i);
                 $body
             }
+            #[cfg(feature = "cuda")]
+            ($crate::backend::DeviceChoice::Cuda(i), false) => {
+                type $B = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+                let $dev = burn::backend::cuda::CudaDevice::new(i);
+                $body
+            }
             #[allow(unreachable_patterns)]
-            other => anyhow::bail!("device {other} is not compiled in"),
+            (other, _) => anyhow::bail!("device {other} is not compiled in"),
         }
     }};
 }

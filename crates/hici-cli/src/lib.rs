@@ -120,7 +120,8 @@ fn run(cli: Cli) -> Result<()> {
         return cmd::import::run(m, a);
     }
     backend::check_available(m.device)?;
-    with_backend!(m.device, |B, dev| match &cli.command {
+    load::check_fusion(m)?;
+    with_backend!(m.device, m.fused(), |B, dev| match &cli.command {
         Command::Generate(a) => cmd::generate::run::<B>(m, a, &dev),
         Command::Chat(a) => cmd::chat::run::<B>(m, a, &dev),
         Command::Perplexity(a) => cmd::perplexity::run::<B>(m, a, &dev),

@@ -55,13 +55,6 @@ pub fn load<B: Backend>(args: &ModelArgs, device: &B::Device) -> Result<Loaded<B
             names.join(", ")
         );
     }
-    if args.dtype != DtypeArg::F32 && args.device == crate::backend::DeviceChoice::Wgpu {
-        bail!(
-            "--dtype {} is not supported on wgpu yet: burn 0.21's fusion engine crashes on \
-             half-precision decoding there; use --dtype f32 (half precision: --device cuda)",
-            dtype_name(args.dtype)
-        );
-    }
     let dtype = match args.dtype {
         DtypeArg::F32 => DType::F32,
         DtypeArg::F16 => DType::F16,
@@ -94,7 +87,26 @@ pub fn load<B: Backend>(args: &ModelArgs, device: &B::Device) -> Result<Loaded<B
     })
 }
 
-fn dtype_name(d: DtypeArg) -> String {
+/// Refuses half precision under burn's fusion layer: burn 0.21's fusion engine panics in its
+/// device thread on half-precision decoding (burn-cubecl-fusion `FusedReduceLaunch` asks for
+/// the strides of an input it did not register, after a host read-back). `--fusion auto`
+/// already turns fusion off for f16/bf16.
+pub fn check_fusion(args: &ModelArgs) -> Result<()> {
+    if args.dtype != DtypeArg::F32
+        && args.fused()
+        && args.device != crate::backend::DeviceChoice::Ndarray
+    {
+        bail!(
+            "--dtype {} with --fusion on is not supported on --device {}: burn 0.21's fusion \
+             engine crashes on half-precision decoding; use --fusion auto (or off)",
+            dtype_name(args.dtype),
+            args.device
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn dtype_name(d: DtypeArg) -> String {
     clap::ValueEnum::to_possible_value(&d)
         .map(|v| v.get_name().to_string())
         .unwrap_or_default()

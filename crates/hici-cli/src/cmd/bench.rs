@@ -730,6 +730,7 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &BenchArgs, dev: &B::Device) -> Result<
             "dtype": dtype_name,
             "model_dtype": format!("{:?}", model.dtype()),
             "attention_kernel": format!("{:?}", model.kernel),
+            "fusion": m.device != DeviceChoice::Ndarray && m.fused(),
             "machine": machine(m.device),
             "model": {
                 "source": source,
