@@ -2,8 +2,10 @@
 //!
 //! The model is small (hidden 64, 4 heads, 2 layers) so the weights are negligible; a naive
 //! attention would need one `[heads, 16384, 16396]` f32 score tensor per layer = 4.3 GB. The
-//! blocked attention's largest score tensor is `[heads, 256, 16396]` = 67 MB. Peak RSS of this
-//! test process (it is its own test binary, one test) must stay under 1 GiB.
+//! tiled attention's largest score tensor is `[heads, 256, 2048]` = 8 MiB (query blocks of 256
+//! rows, online softmax over key chunks of 2048). Peak RSS of this test process (it is its own
+//! test binary, one test) must stay under 256 MiB: measured 172 MiB on a 2-core x86-64 machine;
+//! query blocks alone (scores `[heads, 256, 16396]`) measured 329 MiB.
 
 use ::hici::model::synthetic::SyntheticWeights;
 use ::hici::model::{
@@ -74,8 +76,8 @@ fn prefill_16k_tokens_without_n_squared_memory() {
             b as f64 / 1048576.0
         );
         assert!(
-            peak < 1 << 30,
-            "peak RSS {peak} bytes >= 1 GiB: n x n allocation?"
+            peak < 256 << 20,
+            "peak RSS {peak} bytes >= 256 MiB: an n x n (or block x n) score tensor?"
         );
     }
 }

@@ -6,8 +6,10 @@
 //! `k_len == q_len`.
 //!
 //! Memory: queries are processed in blocks of [`QUERY_BLOCK`] rows and each block only reads the
-//! keys it may see, so the largest score tensor is `[b, heads, QUERY_BLOCK, k_len]` — linear in
-//! the sequence length, never `n x n`.
+//! keys it may see. With the exact kernel, a block that sees more than [`KEY_BLOCK`] keys walks
+//! them in chunks of `KEY_BLOCK` with an online softmax (running max and sum, flash-attention
+//! style), so the largest score tensor is `[b, heads, QUERY_BLOCK, KEY_BLOCK]` whatever the
+//! length: never `n x n`, nor even `QUERY_BLOCK x n` (512 MiB per block for the 7B at 16K, f32).
 
 use crate::tensor_util::{as_dtype, as_f32};
 use burn::prelude::*;
@@ -29,6 +31,27 @@ pub enum AttentionKernel {
 
 /// Query rows processed at once.
 pub const QUERY_BLOCK: usize = 256;
+
+/// Keys scored at once by the exact kernel (beyond this, online softmax over key chunks).
+pub const KEY_BLOCK: usize = 2048;
+
+/// Tile sizes of [`attend_tiled`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tiles {
+    /// Query rows per block.
+    pub query: usize,
+    /// Keys per chunk of the exact kernel's online softmax.
+    pub key: usize,
+}
+
+impl Default for Tiles {
+    fn default() -> Self {
+        Tiles {
+            query: QUERY_BLOCK,
+            key: KEY_BLOCK,
+        }
+    }
+}
 
 /// Expands `nkv` KV heads to `nh` query heads (query head `h` uses KV head `h / (nh/nkv)`).
 ///
@@ -57,6 +80,18 @@ pub fn attend<B: Backend>(
     v: Tensor<B, 4>,
     kernel: AttentionKernel,
 ) -> Tensor<B, 4> {
+    attend_tiled(q, k, v, kernel, Tiles::default())
+}
+
+/// [`attend`] with explicit tile sizes (tests use small ones to cross every boundary).
+pub fn attend_tiled<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    kernel: AttentionKernel,
+    tiles: Tiles,
+) -> Tensor<B, 4> {
+    assert!(tiles.query > 0 && tiles.key > 0, "attend: empty tiles");
     let [b, nh, q_len, d] = q.dims();
     let k_len = k.dims()[2];
     assert!(k_len >= q_len, "attend: k_len {k_len} < q_len {q_len}");
@@ -78,13 +113,19 @@ pub fn attend<B: Backend>(
         AttentionKernel::Flash => (q, k, v),
     };
     let device = q.device();
-    let mut outs = Vec::with_capacity(q_len.div_ceil(QUERY_BLOCK));
+    let mut outs = Vec::with_capacity(q_len.div_ceil(tiles.query));
     let mut q0 = 0;
     while q0 < q_len {
-        let qb = QUERY_BLOCK.min(q_len - q0);
+        let qb = tiles.query.min(q_len - q0);
         // last query row of the block sees keys 0 ..= q0 + qb - 1 + offset
         let kb = (q0 + qb + offset).min(k_len);
         let qs = q.clone().narrow(2, q0, qb);
+        if kernel == AttentionKernel::Exact && kb > tiles.key {
+            let diag = (q0 + offset) as i64;
+            outs.push(online_softmax_block(qs, &k, &v, kb, diag, tiles.key, d));
+            q0 += qb;
+            continue;
+        }
         let ks = k.clone().narrow(2, 0, kb);
         let vs = v.clone().narrow(2, 0, kb);
         // row r (global q0 + r) may see key j iff j <= q0 + r + offset
@@ -103,6 +144,67 @@ pub fn attend<B: Backend>(
         Tensor::cat(outs, 2)
     };
     as_dtype(out, dtype)
+}
+
+/// One query block against keys `0..kb`, walked in chunks of `chunk` keys with a running max
+/// `m`, running sum `l` and unnormalised output `acc` (all f32).
+///
+/// `qs: [b, nh, qb, d]`, `k`/`v`: `[b, nh, k_len, d]` (heads already repeated), row `r` of the
+/// block may see key `j` iff `j <= diag + r` -> `[b, nh, qb, d]`. Key 0 is visible to every row,
+/// so `m` is finite after the first chunk and a fully masked later chunk adds exact zeros.
+fn online_softmax_block<B: Backend>(
+    qs: Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    kb: usize,
+    diag: i64,
+    chunk: usize,
+    d: usize,
+) -> Tensor<B, 4> {
+    let [b, nh, qb, _] = qs.dims();
+    let device = qs.device();
+    let qs = qs.mul_scalar(1.0 / (d as f64).sqrt());
+    let mut m: Option<Tensor<B, 4>> = None; // [b, nh, qb, 1]
+    let mut l: Option<Tensor<B, 4>> = None; // [b, nh, qb, 1]
+    let mut acc: Option<Tensor<B, 4>> = None; // [b, nh, qb, d]
+    let mut k0 = 0;
+    while k0 < kb {
+        let kc = chunk.min(kb - k0);
+        let mut s = qs
+            .clone()
+            .matmul(k.clone().narrow(2, k0, kc).swap_dims(2, 3)); // [b, nh, qb, kc]
+                                                                  // global key k0 + c is hidden from row r iff k0 + c > diag + r
+        let local_diag = diag - k0 as i64;
+        if (kc as i64) - 1 > local_diag {
+            let mask = Tensor::<B, 2, Bool>::tril_mask([qb, kc], local_diag, &device)
+                .reshape([1, 1, qb, kc])
+                .expand([b, nh, qb, kc]);
+            s = s.mask_fill(mask, f32::NEG_INFINITY);
+        }
+        let vs = v.clone().narrow(2, k0, kc);
+        let chunk_max = s.clone().max_dim(3);
+        let (m_new, alpha) = match m.take() {
+            None => (chunk_max, None),
+            Some(m_old) => {
+                let m_new = m_old.clone().max_pair(chunk_max);
+                let alpha = m_old.sub(m_new.clone()).exp();
+                (m_new, Some(alpha))
+            }
+        };
+        let p = s.sub(m_new.clone()).exp();
+        let p_sum = p.clone().sum_dim(3);
+        let pv = p.matmul(vs);
+        (l, acc) = match (l.take(), acc.take(), alpha) {
+            (Some(l0), Some(a0), Some(alpha)) => (
+                Some(l0.mul(alpha.clone()).add(p_sum)),
+                Some(a0.mul(alpha).add(pv)),
+            ),
+            _ => (Some(p_sum), Some(pv)),
+        };
+        m = Some(m_new);
+        k0 += kc;
+    }
+    acc.expect("kb > 0").div(l.expect("kb > 0"))
 }
 
 /// Reference implementation materialising the whole `[q_len, k_len]` score matrix with an

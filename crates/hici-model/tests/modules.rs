@@ -1,7 +1,7 @@
 //! Unit tests of the model's pieces against hand-checkable cases.
 
 use burn::prelude::*;
-use hici_model::attention::{attend, attend_naive, AttentionKernel};
+use hici_model::attention::{attend, attend_naive, attend_tiled, AttentionKernel, Tiles};
 use hici_model::hici::broadcast::{segment_count, sft_segment_len, SegmentRule};
 use hici_model::hici::global::softplus_f32;
 use hici_model::hici::GlobalIntegrator;
@@ -97,6 +97,46 @@ fn blocked_attention_equals_naive_attention_with_gqa() {
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f32::max);
         assert!(diff < 1e-5, "q {q_len} k {k_len}: {diff}");
+    }
+}
+
+/// The exact kernel's online softmax over key chunks (engaged when a query block sees more
+/// than `tiles.key` keys) equals the naive attention: small tiles so that chunk and block
+/// boundaries fall on and off the causal diagonal, with and without a visible prefix, GQA,
+/// a single query row (decode), and chunk sizes of 1 and of the whole key range.
+#[test]
+fn online_softmax_over_key_chunks_equals_naive_attention() {
+    let (b, nh, nkv, d) = (2, 4, 2, 8);
+    for (q_len, k_len, query, key) in [
+        (37, 49, 8, 5),
+        (40, 40, 7, 7),
+        (40, 40, 16, 3),
+        (33, 45, 5, 1),
+        (1, 300, 4, 64),
+        (64, 76, 64, 13),
+        (50, 62, 9, 62),
+    ] {
+        let q = t(rnd(b * nh * q_len * d, 4), [b, nh, q_len, d]);
+        let k = t(rnd(b * nkv * k_len * d, 5), [b, nkv, k_len, d]);
+        let v = t(rnd(b * nkv * k_len * d, 6), [b, nkv, k_len, d]);
+        let a = to_vec_f32(attend_tiled(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            AttentionKernel::Exact,
+            Tiles { query, key },
+        ));
+        let n = to_vec_f32(attend_naive(q, k, v));
+        assert_eq!(a.len(), n.len());
+        let diff = a
+            .iter()
+            .zip(&n)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            diff < 1e-5,
+            "q {q_len} k {k_len} tiles {query}x{key}: {diff}"
+        );
     }
 }
 
