@@ -64,7 +64,19 @@ fn gpu_bundle() -> bool {
     };
     match copy() {
         Ok(()) => {
-            eprintln!("gpu-bundle/ ready: copy it to the GPU machine and run ./gpu-check.sh");
+            // symbols are ~15 MB of the ~70 MB binary; smaller bundles travel better
+            let bin = out.join("hici");
+            match std::process::Command::new("strip").arg(&bin).status() {
+                Ok(s) if s.success() => {}
+                _ => eprintln!(
+                    "gpu-bundle: `strip` failed or is missing; the binary keeps its symbols"
+                ),
+            }
+            let mib = std::fs::metadata(&bin).map(|m| m.len() >> 20).unwrap_or(0);
+            eprintln!(
+                "gpu-bundle/ ready (binary {mib} MiB): copy it to the GPU machine and run \
+                 ./gpu-check.sh"
+            );
             true
         }
         Err(e) => {
