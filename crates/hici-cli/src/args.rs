@@ -1,6 +1,7 @@
 //! Options shared by every command.
 
 use crate::backend::DeviceChoice;
+use burn::tensor::DType;
 use clap::{Args, ValueEnum};
 use hici_model::{AttentionKernel, AttentionMode, DecodeCache, LoraMode};
 use std::path::PathBuf;
@@ -35,6 +36,26 @@ pub enum DtypeArg {
     F32,
     F16,
     Bf16,
+}
+
+impl DtypeArg {
+    /// The tensor dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::F16 => DType::F16,
+            DtypeArg::Bf16 => DType::BF16,
+        }
+    }
+
+    /// The flag value (`f32`, `f16`, `bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DtypeArg::F32 => "f32",
+            DtypeArg::F16 => "f16",
+            DtypeArg::Bf16 => "bf16",
+        }
+    }
 }
 
 /// `--fusion`: burn's kernel-fusion layer on the GPU backends.

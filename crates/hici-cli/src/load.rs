@@ -4,9 +4,8 @@ use crate::args::{DtypeArg, ModelArgs};
 use crate::embedded;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
-use burn::tensor::DType;
 use hici_io::{load_checkpoint, load_converted, Checkpoint, LoadOptions, LoadReport};
-use hici_model::HiciLlama;
+use hici_model::{AttentionKernel, HiciLlama};
 use hici_runtime::tokenizer::HiciTokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -55,21 +54,7 @@ pub fn load<B: Backend>(args: &ModelArgs, device: &B::Device) -> Result<Loaded<B
             names.join(", ")
         );
     }
-    let dtype = match args.dtype {
-        DtypeArg::F32 => DType::F32,
-        DtypeArg::F16 => DType::F16,
-        DtypeArg::Bf16 => DType::BF16,
-    };
-    let model = model
-        .with_dtype(dtype)
-        .with_context(|| {
-            format!(
-                "--dtype {} on --device {}",
-                dtype_name(args.dtype),
-                args.device
-            )
-        })?
-        .with_attention_kernel(args.attention_kernel());
+    let model = prepare(model, args, args.attention_kernel())?;
     pb.finish_and_clear();
     let tok_path: Option<PathBuf> = args.tokenizer.clone().or(src.tokenizer);
     let tokenizer = match tok_path {
@@ -99,17 +84,25 @@ pub fn check_fusion(args: &ModelArgs) -> Result<()> {
         bail!(
             "--dtype {} with --fusion on is not supported on --device {}: burn 0.21's fusion \
              engine crashes on half-precision decoding; use --fusion auto (or off)",
-            dtype_name(args.dtype),
+            args.dtype.name(),
             args.device
         );
     }
     Ok(())
 }
 
-pub(crate) fn dtype_name(d: DtypeArg) -> String {
-    clap::ValueEnum::to_possible_value(&d)
-        .map(|v| v.get_name().to_string())
-        .unwrap_or_default()
+/// The precision and attention-kernel steps every command applies to a freshly built model:
+/// casts to `--dtype` (an error naming the flag and device when the backend lacks that dtype)
+/// and selects `kernel`.
+pub fn prepare<B: Backend>(
+    model: HiciLlama<B>,
+    args: &ModelArgs,
+    kernel: AttentionKernel,
+) -> Result<HiciLlama<B>> {
+    Ok(model
+        .with_dtype(args.dtype.dtype())
+        .with_context(|| format!("--dtype {} on --device {}", args.dtype.name(), args.device))?
+        .with_attention_kernel(kernel))
 }
 
 /// Where the model comes from, as the options say.

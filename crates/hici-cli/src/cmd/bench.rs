@@ -15,12 +15,11 @@
 //! prefill only, computed layer by layer through the model's public API with the `lm_head` on
 //! the last position only, exactly like the prefill of the other modes.
 
-use crate::args::{DecodeCacheArg, DtypeArg, ModeArg, ModelArgs};
+use crate::args::{DecodeCacheArg, ModeArg, ModelArgs};
 use crate::backend::DeviceChoice;
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
 use burn::prelude::*;
-use burn::tensor::DType;
 use clap::{Args, ValueEnum};
 use hici_model::hici::{segment_count, SegmentRule};
 use hici_model::synthetic::{SyntheticWeights, XorShift};
@@ -541,27 +540,19 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &BenchArgs, dev: &B::Device) -> Result<
         }
     }
 
-    let dtype_name = m
-        .dtype
-        .to_possible_value()
-        .map(|v| v.get_name().to_string())
-        .unwrap_or_default();
+    let dtype_name = m.dtype.name();
     let device_before = device_memory(m.device).ok();
     let t_load = Instant::now();
     let (model, source, max_context) = match &a.synthetic {
         Some(spec) => {
             let cfg = synthetic_config(spec, m)?;
             eprintln!("bench: generating synthetic model `{spec}` (random weights)");
-            let dtype = match m.dtype {
-                DtypeArg::F32 => DType::F32,
-                DtypeArg::F16 => DType::F16,
-                DtypeArg::Bf16 => DType::BF16,
-            };
             // the same precision and attention kernel steps as `crate::load::load`
-            let model = synthetic_model::<B>(&cfg, a.seed, dev)?
-                .with_dtype(dtype)
-                .with_context(|| format!("--dtype {} on --device {}", dtype_name, m.device))?
-                .with_attention_kernel(m.attention_kernel());
+            let model = crate::load::prepare(
+                synthetic_model::<B>(&cfg, a.seed, dev)?,
+                m,
+                m.attention_kernel(),
+            )?;
             let l = &cfg.llama;
             let ctx = (l.max_position_embeddings as f64 * cfg.rope_factor).round() as usize;
             (model, format!("synthetic:{spec}"), ctx)

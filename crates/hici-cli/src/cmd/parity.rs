@@ -6,7 +6,6 @@ use crate::args::{AttentionArg, DtypeArg, ModelArgs};
 use crate::backend::DeviceChoice;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
-use burn::tensor::DType;
 use clap::Args;
 use hici_io::{load_checkpoint, LoadOptions};
 use hici_model::{
@@ -164,11 +163,7 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &ParityArgs, dev: &B::Device) -> Result
         } else {
             default_rms
         });
-    let dtype = match m.dtype {
-        DtypeArg::F32 => DType::F32,
-        DtypeArg::F16 => DType::F16,
-        DtypeArg::Bf16 => DType::BF16,
-    };
+    let dtype = m.dtype.dtype();
     let read_json = |name: &str| -> Result<Value> {
         let p = fx.join("expected").join(name);
         let text =
@@ -215,7 +210,7 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &ParityArgs, dev: &B::Device) -> Result
         bail!(
             "--dtype {} is not supported on --device {} (no {dtype:?} tensors there; half \
              precision runs on wgpu (f16) and cuda (f16, bf16))",
-            crate::load::dtype_name(m.dtype),
+            m.dtype.name(),
             m.device
         );
     }
@@ -229,16 +224,11 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &ParityArgs, dev: &B::Device) -> Result
     }
     for lora in [LoraMode::Merged, LoraMode::Unmerged] {
         let mut w = ck.weights.clone();
-        let model = HiciLlama::<B>::from_weights(&ck.config, ck.lora, lora, &mut w, dev)?
-            .with_dtype(dtype)
-            .with_context(|| {
-                format!(
-                    "--dtype {} on --device {}",
-                    crate::load::dtype_name(m.dtype),
-                    m.device
-                )
-            })?
-            .with_attention_kernel(kernel);
+        let model = crate::load::prepare(
+            HiciLlama::<B>::from_weights(&ck.config, ck.lora, lora, &mut w, dev)?,
+            m,
+            kernel,
+        )?;
         let tag = format!("{lora:?}").to_lowercase();
         let prefill = expected(fx, "prefill_logits.safetensors")?;
         for p in ["prompt1", "prompt2"] {
