@@ -6,22 +6,6 @@ use common::*;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-fn ids_arg(ids: &[i64]) -> String {
-    ids.iter()
-        .map(|x| x.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-fn generated(v: &serde_json::Value) -> Vec<i64> {
-    v["generated_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect()
-}
-
 #[test]
 fn generate_greedy_prompt_ids_equals_fixture() {
     let want = expected("greedy_decode_unscrambled_cache_NONREFERENCE.safetensors");

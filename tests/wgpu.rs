@@ -189,11 +189,7 @@ fn cli_f16_on_wgpu_decodes_within_tolerance_without_fusion() {
         .any(|c| c["check"].as_str().unwrap().starts_with("greedy 16 steps")));
 
     let want = expected("greedy_decode_unscrambled_cache_NONREFERENCE.safetensors");
-    let ids: Vec<String> = input_ids("prompt1_ids")
-        .iter()
-        .map(|x| x.to_string())
-        .collect();
-    let ids = ids.join(",");
+    let ids = ids_arg(&input_ids("prompt1_ids"));
     let out = json_of(&hici(&[
         "generate",
         "--device",
@@ -206,13 +202,7 @@ fn cli_f16_on_wgpu_decodes_within_tolerance_without_fusion() {
         "16",
         "--json",
     ]));
-    let got: Vec<i64> = out["generated_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect();
-    assert_eq!(got, want["prompt1_generated_ids"].i64);
+    assert_eq!(generated(&out), want["prompt1_generated_ids"].i64);
 
     assert_clean_error(
         &hici(&[

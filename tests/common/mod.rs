@@ -171,3 +171,21 @@ pub fn assert_clean_error(out: &Output, needle: &str) {
     assert!(!err.contains("panicked"), "panic: {err}");
     assert!(err.contains(needle), "stderr lacks `{needle}`: {err}");
 }
+
+/// Token ids as a `--prompt-ids` value.
+pub fn ids_arg(ids: &[i64]) -> String {
+    ids.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `generated_ids` of a `hici generate --json` document.
+pub fn generated(v: &serde_json::Value) -> Vec<i64> {
+    v["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect()
+}

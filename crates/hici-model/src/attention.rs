@@ -147,7 +147,7 @@ pub fn attend_tiled<B: Backend>(
 }
 
 /// One query block against keys `0..kb`, walked in chunks of `chunk` keys with a running max
-/// `m`, running sum `l` and unnormalised output `acc` (all f32).
+/// `m`, running sum `l` and unnormalised output `acc` (all f32), initialised from the first chunk.
 ///
 /// `qs: [b, nh, qb, d]`, `k`/`v`: `[b, nh, k_len, d]` (heads already repeated), row `r` of the
 /// block may see key `j` iff `j <= diag + r` -> `[b, nh, qb, d]`. Key 0 is visible to every row,
@@ -164,47 +164,41 @@ fn online_softmax_block<B: Backend>(
     let [b, nh, qb, _] = qs.dims();
     let device = qs.device();
     let qs = qs.mul_scalar(1.0 / (d as f64).sqrt());
-    let mut m: Option<Tensor<B, 4>> = None; // [b, nh, qb, 1]
-    let mut l: Option<Tensor<B, 4>> = None; // [b, nh, qb, 1]
-    let mut acc: Option<Tensor<B, 4>> = None; // [b, nh, qb, d]
-    let mut k0 = 0;
-    while k0 < kb {
-        let kc = chunk.min(kb - k0);
-        let mut s = qs
+    // scores of keys k0 .. k0 + kc, the hidden ones at -inf: [b, nh, qb, kc]
+    let scores = |k0: usize, kc: usize| {
+        let s = qs
             .clone()
-            .matmul(k.clone().narrow(2, k0, kc).swap_dims(2, 3)); // [b, nh, qb, kc]
-                                                                  // global key k0 + c is hidden from row r iff k0 + c > diag + r
+            .matmul(k.clone().narrow(2, k0, kc).swap_dims(2, 3));
+        // global key k0 + c is hidden from row r iff k0 + c > diag + r
         let local_diag = diag - k0 as i64;
         if (kc as i64) - 1 > local_diag {
             let mask = Tensor::<B, 2, Bool>::tril_mask([qb, kc], local_diag, &device)
                 .reshape([1, 1, qb, kc])
                 .expand([b, nh, qb, kc]);
-            s = s.mask_fill(mask, f32::NEG_INFINITY);
+            s.mask_fill(mask, f32::NEG_INFINITY)
+        } else {
+            s
         }
-        let vs = v.clone().narrow(2, k0, kc);
-        let chunk_max = s.clone().max_dim(3);
-        let (m_new, alpha) = match m.take() {
-            None => (chunk_max, None),
-            Some(m_old) => {
-                let m_new = m_old.clone().max_pair(chunk_max);
-                let alpha = m_old.sub(m_new.clone()).exp();
-                (m_new, Some(alpha))
-            }
-        };
+    };
+    let kc = chunk.min(kb);
+    let s = scores(0, kc);
+    let mut m = s.clone().max_dim(3); // [b, nh, qb, 1]
+    let p = s.sub(m.clone()).exp();
+    let mut l = p.clone().sum_dim(3); // [b, nh, qb, 1]
+    let mut acc = p.matmul(v.clone().narrow(2, 0, kc)); // [b, nh, qb, d]
+    let mut k0 = kc;
+    while k0 < kb {
+        let kc = chunk.min(kb - k0);
+        let s = scores(k0, kc);
+        let m_new = m.clone().max_pair(s.clone().max_dim(3));
+        let alpha = m.sub(m_new.clone()).exp();
         let p = s.sub(m_new.clone()).exp();
-        let p_sum = p.clone().sum_dim(3);
-        let pv = p.matmul(vs);
-        (l, acc) = match (l.take(), acc.take(), alpha) {
-            (Some(l0), Some(a0), Some(alpha)) => (
-                Some(l0.mul(alpha.clone()).add(p_sum)),
-                Some(a0.mul(alpha).add(pv)),
-            ),
-            _ => (Some(p_sum), Some(pv)),
-        };
-        m = Some(m_new);
+        l = l.mul(alpha.clone()).add(p.clone().sum_dim(3));
+        acc = acc.mul(alpha).add(p.matmul(v.clone().narrow(2, k0, kc)));
+        m = m_new;
         k0 += kc;
     }
-    acc.expect("kb > 0").div(l.expect("kb > 0"))
+    acc.div(l)
 }
 
 /// Reference implementation materialising the whole `[q_len, k_len]` score matrix with an

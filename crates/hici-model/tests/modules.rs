@@ -77,25 +77,36 @@ fn mask_rule_is_bottom_right_with_visible_prefix() {
     }
 }
 
+/// Max |tiled - naive| for random `[b, nh|nkv, len, d]` inputs drawn from `seed..seed + 3`.
+fn tiled_vs_naive(
+    (b, nh, nkv, d): (usize, usize, usize, usize),
+    q_len: usize,
+    k_len: usize,
+    tiles: Tiles,
+    seed: u64,
+) -> f32 {
+    let q = t(rnd(b * nh * q_len * d, seed), [b, nh, q_len, d]);
+    let k = t(rnd(b * nkv * k_len * d, seed + 1), [b, nkv, k_len, d]);
+    let v = t(rnd(b * nkv * k_len * d, seed + 2), [b, nkv, k_len, d]);
+    let a = to_vec_f32(attend_tiled(
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        AttentionKernel::Exact,
+        tiles,
+    ));
+    let n = to_vec_f32(attend_naive(q, k, v));
+    assert_eq!(a.len(), n.len());
+    a.iter()
+        .zip(&n)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 #[test]
 fn blocked_attention_equals_naive_attention_with_gqa() {
-    let (b, nh, nkv, d) = (1, 4, 2, 8);
     for (q_len, k_len) in [(37, 49), (600, 612), (700, 700), (1, 300)] {
-        let q = t(rnd(b * nh * q_len * d, 1), [b, nh, q_len, d]);
-        let k = t(rnd(b * nkv * k_len * d, 2), [b, nkv, k_len, d]);
-        let v = t(rnd(b * nkv * k_len * d, 3), [b, nkv, k_len, d]);
-        let a = to_vec_f32(attend(
-            q.clone(),
-            k.clone(),
-            v.clone(),
-            AttentionKernel::Exact,
-        ));
-        let n = to_vec_f32(attend_naive(q, k, v));
-        let diff = a
-            .iter()
-            .zip(&n)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max);
+        let diff = tiled_vs_naive((1, 4, 2, 8), q_len, k_len, Tiles::default(), 1);
         assert!(diff < 1e-5, "q {q_len} k {k_len}: {diff}");
     }
 }
@@ -106,7 +117,6 @@ fn blocked_attention_equals_naive_attention_with_gqa() {
 /// a single query row (decode), and chunk sizes of 1 and of the whole key range.
 #[test]
 fn online_softmax_over_key_chunks_equals_naive_attention() {
-    let (b, nh, nkv, d) = (2, 4, 2, 8);
     for (q_len, k_len, query, key) in [
         (37, 49, 8, 5),
         (40, 40, 7, 7),
@@ -116,23 +126,7 @@ fn online_softmax_over_key_chunks_equals_naive_attention() {
         (64, 76, 64, 13),
         (50, 62, 9, 62),
     ] {
-        let q = t(rnd(b * nh * q_len * d, 4), [b, nh, q_len, d]);
-        let k = t(rnd(b * nkv * k_len * d, 5), [b, nkv, k_len, d]);
-        let v = t(rnd(b * nkv * k_len * d, 6), [b, nkv, k_len, d]);
-        let a = to_vec_f32(attend_tiled(
-            q.clone(),
-            k.clone(),
-            v.clone(),
-            AttentionKernel::Exact,
-            Tiles { query, key },
-        ));
-        let n = to_vec_f32(attend_naive(q, k, v));
-        assert_eq!(a.len(), n.len());
-        let diff = a
-            .iter()
-            .zip(&n)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max);
+        let diff = tiled_vs_naive((2, 4, 2, 8), q_len, k_len, Tiles { query, key }, 4);
         assert!(
             diff < 1e-5,
             "q {q_len} k {k_len} tiles {query}x{key}: {diff}"
