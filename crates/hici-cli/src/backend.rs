@@ -75,17 +75,24 @@ impl fmt::Display for DeviceChoice {
 /// libcuda cannot be loaded; the probe catches that panic with a silent hook.
 #[cfg(feature = "cuda")]
 pub fn cuda_device_count() -> Result<usize> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let r = std::panic::catch_unwind(cudarc::driver::CudaContext::device_count);
-    std::panic::set_hook(hook);
-    match r {
-        Ok(Ok(n)) => Ok(n.max(0) as usize),
-        Ok(Err(e)) => anyhow::bail!("no CUDA device: {e:?}"),
-        Err(_) => {
+    match quiet_catch(cudarc::driver::CudaContext::device_count) {
+        Some(Ok(n)) => Ok(n.max(0) as usize),
+        Some(Err(e)) => anyhow::bail!("no CUDA device: {e:?}"),
+        None => {
             anyhow::bail!("no CUDA device: the CUDA driver library (libcuda.so) was not found")
         }
     }
+}
+
+/// Runs `f`, turning a panic into `None` without printing it (burn and cudarc panic when a
+/// driver library is missing).
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub fn quiet_catch<T>(f: impl FnOnce() -> T) -> Option<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    r.ok()
 }
 
 /// Checks a CUDA choice before any burn call touches the device.

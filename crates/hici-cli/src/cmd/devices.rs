@@ -54,7 +54,7 @@ fn wgpu_adapters() -> Vec<Value> {
     };
     use burn::backend::wgpu::graphics::{AutoGraphicsApi, GraphicsApi};
     let burn_api = AutoGraphicsApi::backend();
-    match quiet_catch(probe) {
+    match crate::backend::quiet_catch(probe) {
         Some(infos) if !infos.is_empty() => infos
             .into_iter()
             .map(|i| {
@@ -114,7 +114,7 @@ fn cuda_devices() -> Vec<Value> {
     };
     (0..n)
         .map(|i| {
-            let info = quiet_catch(|| {
+            let info = crate::backend::quiet_catch(|| {
                 let ctx = cudarc::driver::CudaContext::new(i)?;
                 Ok::<_, cudarc::driver::DriverError>((
                     ctx.name()?,
@@ -140,14 +140,4 @@ fn cuda_devices() -> Vec<Value> {
             }
         })
         .collect()
-}
-
-/// Runs `f`, turning a panic into `None` without printing it.
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
-fn quiet_catch<T>(f: impl FnOnce() -> T) -> Option<T> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    std::panic::set_hook(hook);
-    r.ok()
 }
