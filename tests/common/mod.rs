@@ -189,3 +189,39 @@ pub fn generated(v: &serde_json::Value) -> Vec<i64> {
         .map(|x| x.as_i64().unwrap())
         .collect()
 }
+
+/// Where `cargo xtask fetch-models` puts the real models: `$HICI_MODELS_DIR`, else
+/// `target/models` of the workspace.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("HICI_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/models"))
+}
+
+/// The path of real model `key` of `models/catalog.json` when it has been fetched. Missing:
+/// a test failure under CI (`CI=true`, where `.ci/run` fetches it), else a loud skip (`None`).
+pub fn real_model(key: &str) -> Option<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let catalog: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("models/catalog.json")).expect("models/catalog.json"),
+    )
+    .expect("valid catalog");
+    let file = catalog[key]["file"]
+        .as_str()
+        .expect("catalog entry with a file");
+    let path = models_dir().join(file);
+    if path.is_file() {
+        return Some(path);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!(
+            "{} is missing under CI: `cargo xtask fetch-models` must run first",
+            path.display()
+        );
+    }
+    eprintln!(
+        "\n*** SKIPPED: real model `{key}` not found at {} (run `cargo xtask fetch-models`) ***\n",
+        path.display()
+    );
+    None
+}

@@ -115,9 +115,9 @@ pub struct ModelArgs {
     /// Kernel fusion on wgpu/CUDA (ignored on ndarray).
     #[arg(long, value_enum, default_value = "auto", global = true)]
     pub fusion: FusionArg,
-    /// Attention mode.
-    #[arg(long, value_enum, default_value = "hici", global = true)]
-    pub mode: ModeArg,
+    /// Attention mode (default: `hici` for a model with HiCI modules, `full` otherwise).
+    #[arg(long, value_enum, global = true)]
+    pub mode: Option<ModeArg>,
     /// Segments for --mode hici-segmented (must divide the sequence length).
     #[arg(long, default_value_t = 4, global = true)]
     pub segments: usize,
@@ -146,14 +146,31 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// The attention mode as the model's typed value.
-    pub fn attention_mode(&self) -> AttentionMode {
-        match self.mode {
+    /// `--mode` for a model with (`has_hici`) or without HiCI modules: the default follows the
+    /// model; a HiCI mode on a plain model is an error.
+    pub fn resolve_mode(&self, has_hici: bool) -> anyhow::Result<AttentionMode> {
+        let mode = self.mode.unwrap_or(if has_hici {
+            ModeArg::Hici
+        } else {
+            ModeArg::Full
+        });
+        if !has_hici && mode != ModeArg::Full {
+            anyhow::bail!(
+                "--mode {} needs HiCI modules, but this model has none (a plain Llama runs \
+                 --mode full)",
+                mode.to_possible_value()
+                    .map_or("?".into(), |v| v.get_name().to_string())
+            );
+        }
+        Ok(Self::mode_value(mode, self.segments))
+    }
+
+    /// The typed attention mode of `mode`.
+    pub fn mode_value(mode: ModeArg, segments: usize) -> AttentionMode {
+        match mode {
             ModeArg::Full => AttentionMode::Full,
             ModeArg::Hici => AttentionMode::Inference,
-            ModeArg::HiciSegmented => AttentionMode::Segmented {
-                segments: self.segments,
-            },
+            ModeArg::HiciSegmented => AttentionMode::Segmented { segments },
             ModeArg::HiciSft => AttentionMode::SftSegmented,
         }
     }

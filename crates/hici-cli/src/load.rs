@@ -4,8 +4,12 @@ use crate::args::{DtypeArg, ModelArgs};
 use crate::embedded;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
-use hici_io::{load_checkpoint, load_converted, Checkpoint, LoadOptions, LoadReport};
-use hici_model::{AttentionKernel, HiciLlama};
+use hici_io::{
+    load_checkpoint, load_converted, load_gguf, Checkpoint, GgufSummary, GgufVocab, LoadOptions,
+    LoadReport,
+};
+use hici_model::{AttentionKernel, AttentionMode, HiciLlama};
+use hici_runtime::template::ChatFormat;
 use hici_runtime::tokenizer::HiciTokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -15,11 +19,20 @@ use std::time::Duration;
 pub struct Loaded<B: Backend> {
     pub model: HiciLlama<B>,
     pub tokenizer: Option<HiciTokenizer>,
-    /// Longest prompt + generation the RoPE setting was made for.
+    /// How chat prompts are built: the model's own template, else Llama-2's `[INST]`.
+    pub chat: ChatFormat,
+    /// The model's own chat template source, when it has one.
+    pub chat_template: Option<String>,
+    /// The context: longest prompt + generation the model (and its RoPE setting) supports.
     pub max_context: usize,
+    /// The attention mode `--mode` asks for, resolved against the model (`full` for a model
+    /// without HiCI modules, `hici` for one with them).
+    pub mode: AttentionMode,
     pub embedded: bool,
     /// Files read and the loader's notes (RoPE factor source, vocab resize, ...).
     pub report: LoadReport,
+    /// What the GGUF header says, for a GGUF model.
+    pub gguf: Option<GgufSummary>,
 }
 
 fn spinner(msg: &str, quiet: bool) -> ProgressBar {
@@ -56,20 +69,36 @@ pub fn load<B: Backend>(args: &ModelArgs, device: &B::Device) -> Result<Loaded<B
     }
     let model = prepare(model, args, args.attention_kernel())?;
     pb.finish_and_clear();
-    let tok_path: Option<PathBuf> = args.tokenizer.clone().or(src.tokenizer);
-    let tokenizer = match tok_path {
-        Some(p) => Some(HiciTokenizer::from_file(&p)?),
+    let tok_src = match &args.tokenizer {
+        Some(p) => Some(TokenizerSource::File(p.clone())),
+        None => src.tokenizer,
+    };
+    let tokenizer = match tok_src {
+        Some(TokenizerSource::File(p)) => Some(HiciTokenizer::from_file(&p)?),
+        Some(TokenizerSource::Gguf(v)) => Some(HiciTokenizer::from_gguf(&v)?),
         None => None,
     };
-    let l = &ck.config.llama;
-    let max_context = (l.max_position_embeddings as f64 * ck.config.rope_factor).round() as usize;
+    let chat = match &tokenizer {
+        Some(t) => ChatFormat::from_model(src.chat_template.as_deref(), t)?,
+        None => ChatFormat::Llama2,
+    };
+    let mode = args.resolve_mode(ck.config.hici.is_some())?;
     Ok(Loaded {
         model,
         tokenizer,
-        max_context,
+        chat,
+        chat_template: src.chat_template,
+        max_context: context_of(&ck.config),
+        mode,
         embedded,
         report: ck.report,
+        gguf: src.gguf,
     })
+}
+
+/// The context a configuration supports: `max_position_embeddings` x the linear RoPE factor.
+pub fn context_of(cfg: &hici_model::ModelConfig) -> usize {
+    (cfg.llama.max_position_embeddings as f64 * cfg.rope_factor).round() as usize
 }
 
 /// Refuses half precision under burn's fusion layer: burn 0.21's fusion engine panics in its
@@ -117,11 +146,16 @@ pub enum ModelSource {
     },
     /// A file written by `hici import` (`--model`).
     Converted(PathBuf),
+    /// A GGUF file (`--model X.gguf`, recognised by its magic).
+    Gguf(PathBuf),
 }
 
 /// `--model`, else `--base`/`--adapter`, else the embedded model (with a note on stderr).
 pub fn model_source(args: &ModelArgs) -> Result<ModelSource> {
     if let Some(file) = &args.model {
+        if hici_io::is_gguf(file) {
+            return Ok(ModelSource::Gguf(file.clone()));
+        }
         return Ok(ModelSource::Converted(file.clone()));
     }
     let (base, adapter, embedded) = match &args.base {
@@ -143,18 +177,22 @@ pub fn model_source(args: &ModelArgs) -> Result<ModelSource> {
     } else {
         8
     });
-    let opts = LoadOptions {
-        hici_heads: heads,
-        gi_heads: None,
-        rope_factor: args.rope_scale,
-        context_size: args.context_size,
-    };
+    let opts = load_options(args, heads);
     Ok(ModelSource::Dirs {
         base,
         adapter,
         opts,
         embedded,
     })
+}
+
+fn load_options(args: &ModelArgs, hici_heads: usize) -> LoadOptions {
+    LoadOptions {
+        hici_heads,
+        gi_heads: None,
+        rope_factor: args.rope_scale,
+        context_size: args.context_size,
+    }
 }
 
 /// `tokenizer.json` of the adapter directory, else of the base directory.
@@ -166,11 +204,42 @@ pub fn tokenizer_in_dirs(base: &Path, adapter: Option<&Path>) -> Option<PathBuf>
         .find(|p| p.is_file())
 }
 
-/// A checkpoint in memory and its tokenizer file, if any.
+/// `chat_template` of the `tokenizer_config.json` next to `tokenizer` (a string, or the
+/// `default` entry of a list of named templates).
+pub fn chat_template_near(tokenizer: &Path) -> Result<Option<String>> {
+    let cfg = tokenizer.with_file_name("tokenizer_config.json");
+    let Ok(text) = std::fs::read_to_string(&cfg) else {
+        return Ok(None);
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", cfg.display()))?;
+    Ok(match v.get("chat_template") {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Array(list)) => list
+            .iter()
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+            .and_then(|t| t.get("template"))
+            .and_then(|t| t.as_str())
+            .map(str::to_string),
+        _ => None,
+    })
+}
+
+/// Where the tokenizer comes from.
+pub enum TokenizerSource {
+    /// A Hugging Face `tokenizer.json`.
+    File(PathBuf),
+    /// A GGUF file's `tokenizer.ggml.*` metadata.
+    Gguf(GgufVocab),
+}
+
+/// A checkpoint in memory, its tokenizer and chat template, if any.
 pub struct CheckpointSource {
     pub checkpoint: Checkpoint,
-    pub tokenizer: Option<PathBuf>,
+    pub tokenizer: Option<TokenizerSource>,
+    pub chat_template: Option<String>,
     pub embedded: bool,
+    pub gguf: Option<GgufSummary>,
 }
 
 /// Reads the checkpoint the options name (all tensors f32 in host memory).
@@ -184,10 +253,36 @@ pub fn read_checkpoint(args: &ModelArgs) -> Result<CheckpointSource> {
         } => {
             let checkpoint = load_checkpoint(&base, adapter.as_deref(), &opts)
                 .with_context(|| format!("loading {}", base.display()))?;
+            let tok = tokenizer_in_dirs(&base, adapter.as_deref());
+            let chat_template = match &tok {
+                Some(t) => chat_template_near(t)?,
+                None => None,
+            };
             Ok(CheckpointSource {
                 checkpoint,
-                tokenizer: tokenizer_in_dirs(&base, adapter.as_deref()),
+                tokenizer: tok.map(TokenizerSource::File),
+                chat_template,
                 embedded,
+                gguf: None,
+            })
+        }
+        ModelSource::Gguf(path) => {
+            if args.hici_heads.is_some() || args.context_size.is_some() {
+                bail!(
+                    "--hici-heads and --context-size do not apply to {} (a GGUF model without \
+                     HiCI modules; --rope-scale overrides its RoPE factor)",
+                    path.display()
+                );
+            }
+            let g = load_gguf(&path, &load_options(args, 8))
+                .with_context(|| format!("loading {}", path.display()))?;
+            let chat_template = g.vocab.as_ref().and_then(|v| v.chat_template.clone());
+            Ok(CheckpointSource {
+                checkpoint: g.checkpoint,
+                tokenizer: g.vocab.map(TokenizerSource::Gguf),
+                chat_template,
+                embedded: false,
+                gguf: Some(g.summary),
             })
         }
         ModelSource::Converted(path) => {
@@ -216,13 +311,15 @@ pub fn read_checkpoint(args: &ModelArgs) -> Result<CheckpointSource> {
             }
             cfg.validate().context("--hici-heads / --rope-scale")?;
             let tokenizer = match &info.tokenizer_json {
-                Some(text) => Some(cache_tokenizer(text)?),
+                Some(text) => Some(TokenizerSource::File(cache_tokenizer(text)?)),
                 None => None,
             };
             Ok(CheckpointSource {
                 checkpoint,
                 tokenizer,
+                chat_template: None,
                 embedded: false,
+                gguf: None,
             })
         }
     }

@@ -88,6 +88,9 @@ pub enum IoError {
     /// A converted single-file model (`hici import`) that is not valid.
     #[error("{}: {msg}", path.display())]
     Converted { path: PathBuf, msg: String },
+    /// A GGUF file that is malformed, truncated or describes a model this build cannot run.
+    #[error("{}: {msg}", path.display())]
+    Gguf { path: PathBuf, msg: String },
     /// Writing stopped on request (Ctrl-C); nothing was left behind.
     #[error("interrupted")]
     Interrupted,

@@ -18,6 +18,7 @@ mod catalog;
 pub mod checkpoint;
 pub mod converted;
 pub mod error;
+pub mod gguf;
 pub mod hf;
 pub mod layout;
 pub mod peft;
@@ -35,6 +36,8 @@ pub use converted::{
     ConvertSummary, ConvertedInfo, StoreDtype, FORMAT_NAME, FORMAT_VERSION,
 };
 pub use error::{Dims, IoError};
+pub use gguf::llama::{load_gguf, GgufModel, GgufSummary, GgufVocab};
+pub use gguf::{is_gguf, GgufFile};
 pub use hf::read_base_dir;
 pub use peft::{read_adapter_config, read_adapter_weights};
 pub use tensor_file::{read_tensor_file, FloatType};

@@ -16,7 +16,8 @@ pub enum StopReason {
     Eos,
     MaxTokens,
     StopString,
-    ContextFull,
+    /// Prompt + generated tokens reached the context limit ([`GenerateOptions::max_context`]).
+    Context,
     Interrupted,
 }
 
@@ -25,14 +26,16 @@ pub enum StopReason {
 pub struct GenerateOptions {
     pub max_new_tokens: usize,
     pub sampling: SamplingConfig,
-    /// Stop when this id is produced (`None`: never).
-    pub eos: Option<u32>,
+    /// Stop when one of these ids is produced (EOS, end-of-turn; empty: never).
+    pub stop_ids: Vec<u32>,
     /// Stop when the generated text contains one of these.
     pub stop: Vec<String>,
     /// [`AttentionMode::Full`] (standard cache) or [`AttentionMode::Inference`] (Mode I).
     pub mode: AttentionMode,
     pub decode_cache: DecodeCache,
-    /// Largest prompt + generated length allowed.
+    /// The context limit: prompt + generated tokens never exceed it (the model's context,
+    /// or less). Generation stops with [`StopReason::Context`] when it is reached, and no
+    /// more cache than it needs is reserved.
     pub max_context: usize,
 }
 
@@ -92,8 +95,7 @@ pub fn generate<B: Backend>(
     }
     if prompt.len() > opts.max_context {
         return Err(RuntimeError::Input(format!(
-            "the prompt has {} tokens, more than the context of {} (use --truncate middle or \
-             a larger --max-context)",
+            "the prompt has {} tokens, more than the context of {} tokens",
             prompt.len(),
             opts.max_context
         )));
@@ -108,10 +110,12 @@ pub fn generate<B: Backend>(
     let prompt_ids: Vec<i64> = prompt.iter().map(|&x| x as i64).collect();
     let (logits, mut cache) =
         model.prefill_tokens(&prompt_ids, opts.mode, opts.decode_cache, Logits::Last)?;
-    // room for every token this call may still append: decoding then never reallocates
+    // room for every token this call may still append (never past the context): decoding
+    // then never reallocates
     cache.reserve(
         opts.max_new_tokens
-            .min(opts.max_context.saturating_sub(prompt.len())),
+            .min(opts.max_context - prompt.len())
+            .saturating_sub(1),
     );
     let mut row = to_vec_f32(logits);
     let prefill_s = t0.elapsed().as_secs_f64();
@@ -127,7 +131,7 @@ pub fn generate<B: Backend>(
         if step == 0 {
             ttft = t0.elapsed().as_secs_f64();
         }
-        if Some(next) == opts.eos {
+        if opts.stop_ids.contains(&next) {
             stop = StopReason::Eos;
             break;
         }
@@ -152,7 +156,7 @@ pub fn generate<B: Backend>(
             break;
         }
         if prompt.len() + generated.len() >= opts.max_context {
-            stop = StopReason::ContextFull;
+            stop = StopReason::Context;
             break;
         }
         row = to_vec_f32(model.decode_tokens(&[next as i64], &mut cache)?);

@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod generate;
+pub mod gguf_tokenizer;
 pub mod passkey;
 pub mod perplexity;
 pub mod sampler;

@@ -3,13 +3,19 @@
 use crate::error::RuntimeError;
 use std::path::Path;
 
-/// A Llama-2 style tokenizer with its special ids.
+/// A tokenizer with its special ids: a Hugging Face `tokenizer.json` (Llama-2: `<s>`/`</s>`,
+/// BOS in front of every prompt) or one built from a GGUF file's metadata.
 pub struct HiciTokenizer {
     inner: tokenizers::Tokenizer,
-    /// `<s>` (added in front of every prompt).
+    /// Beginning of sequence.
     pub bos: Option<u32>,
-    /// `</s>`.
+    /// End of sequence.
     pub eos: Option<u32>,
+    /// Whether prompts start with [`Self::bos`] (`tokenizer.ggml.add_bos_token`; true for
+    /// Llama-2 `tokenizer.json` files).
+    pub add_bos: bool,
+    /// Ids that end a generation: EOS and, when the model names one, end-of-turn.
+    pub stop_ids: Vec<u32>,
 }
 
 impl HiciTokenizer {
@@ -25,7 +31,45 @@ impl HiciTokenizer {
             .map_err(|e| RuntimeError::Tokenizer(format!("{}: {e}", path.display())))?;
         let bos = inner.token_to_id("<s>");
         let eos = inner.token_to_id("</s>");
-        Ok(Self { inner, bos, eos })
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            add_bos: true,
+            stop_ids: eos.into_iter().collect(),
+        })
+    }
+
+    /// Builds the tokenizer a GGUF file describes (see [`crate::gguf_tokenizer`]).
+    pub fn from_gguf(v: &hici_io::GgufVocab) -> Result<Self, RuntimeError> {
+        let inner = crate::gguf_tokenizer::build(v)?;
+        let mut stop_ids: Vec<u32> = v.eos.into_iter().chain(v.eot).collect();
+        stop_ids.dedup();
+        Ok(Self {
+            inner,
+            bos: v.bos,
+            eos: v.eos,
+            add_bos: v.add_bos,
+            stop_ids,
+        })
+    }
+
+    /// Encodes a prompt the way the model expects it: with BOS when [`Self::add_bos`].
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, RuntimeError> {
+        self.encode(text, self.add_bos)
+    }
+
+    /// The text of token `id` (special tokens included).
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// Decodes ids keeping special tokens (what a reference tokenizer's `decode` with
+    /// `skip_special_tokens=False` gives).
+    pub fn decode_with_special(&self, ids: &[u32]) -> Result<String, RuntimeError> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| RuntimeError::Tokenizer(format!("decode: {e}")))
     }
 
     /// Encodes `text`; `add_bos` prepends `<s>` (the tokenizer's post-processor does it when it
@@ -33,7 +77,7 @@ impl HiciTokenizer {
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>, RuntimeError> {
         let enc = self
             .inner
-            .encode(text, add_bos)
+            .encode(text, false)
             .map_err(|e| RuntimeError::Tokenizer(format!("encode: {e}")))?;
         let mut ids = enc.get_ids().to_vec();
         if add_bos {

@@ -1,4 +1,5 @@
-//! `hici chat`: a multi-turn loop on the Llama-2 template.
+//! `hici chat`: a multi-turn loop on the model's chat template (Llama-2's `[INST]` for models
+//! without one).
 
 use super::generate::{report, SamplingArgs};
 use crate::args::ModelArgs;
@@ -7,7 +8,6 @@ use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use clap::Args;
 use hici_runtime::generate::{generate, GenerateOptions};
-use hici_runtime::template::conversation_ids;
 use std::io::{BufRead, Write};
 
 #[derive(Debug, Clone, Args)]
@@ -54,7 +54,9 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &ChatArgs, dev: &B::Device) -> Result<(
             continue;
         }
         turns.push((line, None));
-        let ids = conversation_ids(tok, a.system.as_deref(), &turns)?;
+        let ids = loaded
+            .chat
+            .conversation_ids(tok, a.system.as_deref(), &turns)?;
         if ids.len() > loaded.max_context {
             bail!(
                 "the conversation has {} tokens, more than the context of {}; use /reset",
@@ -65,9 +67,11 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &ChatArgs, dev: &B::Device) -> Result<(
         let opts = GenerateOptions {
             max_new_tokens: a.sampling.max_new_tokens,
             sampling: a.sampling.sampling(),
-            eos: if a.sampling.ignore_eos { None } else { tok.eos },
+            stop_ids: a
+                .sampling
+                .stop_ids(Some(tok), loaded.model.config().llama.eos_token_id),
             stop: a.sampling.stop.clone(),
-            mode: m.attention_mode(),
+            mode: loaded.mode,
             decode_cache: m.decode_cache(),
             max_context: loaded.max_context,
         };

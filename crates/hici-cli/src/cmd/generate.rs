@@ -7,7 +7,6 @@ use burn::prelude::*;
 use clap::{Args, ValueEnum};
 use hici_runtime::generate::{generate, truncate_middle, GenerateOptions, GenerateOutput};
 use hici_runtime::sampler::SamplingConfig;
-use hici_runtime::template::format_turn;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -71,6 +70,22 @@ impl SamplingArgs {
         Ok(())
     }
 
+    /// The ids that end generation: the tokenizer's EOS/end-of-turn (else the config's EOS),
+    /// none with --ignore-eos.
+    pub fn stop_ids(
+        &self,
+        tok: Option<&hici_runtime::tokenizer::HiciTokenizer>,
+        config_eos: Option<u32>,
+    ) -> Vec<u32> {
+        if self.ignore_eos {
+            return Vec::new();
+        }
+        match tok {
+            Some(t) if !t.stop_ids.is_empty() => t.stop_ids.clone(),
+            _ => config_eos.into_iter().collect(),
+        }
+    }
+
     pub fn sampling(&self) -> SamplingConfig {
         SamplingConfig {
             temperature: self.temperature.unwrap_or(1.0),
@@ -94,13 +109,14 @@ pub struct GenerateArgs {
     /// Prompt as comma-separated token ids (BOS not added).
     #[arg(long, value_name = "IDS", group = "input", value_delimiter = ',')]
     pub prompt_ids: Option<Vec<i64>>,
-    /// Wrap the prompt in the Llama-2 chat template the checkpoint was trained with.
+    /// Wrap the prompt in the model's chat template (its own Jinja template when it has one,
+    /// else the Llama-2 `[INST]` format HiCI's SFT checkpoint was trained with).
     #[arg(long)]
     pub chat: bool,
     /// System prompt for --chat.
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
-    /// Longest prompt accepted (default: the model's context).
+    /// Context limit for prompt + generated tokens (default and maximum: the model's context).
     #[arg(long)]
     pub max_context: Option<usize>,
     /// What to do with a prompt longer than the context.
@@ -143,46 +159,55 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &GenerateArgs, dev: &B::Device) -> Resu
         }
         let tok =
             tok.context("this model has no tokenizer.json; pass --tokenizer or --prompt-ids")?;
-        let text = if a.chat {
-            format_turn(a.system.as_deref(), &text)
+        if a.chat {
+            loaded
+                .chat
+                .conversation_ids(tok, a.system.as_deref(), &[(text, None)])?
         } else {
-            text
-        };
-        tok.encode(&text, true)?
+            tok.encode_prompt(&text)?
+        }
     };
     if ids.is_empty() {
         bail!("the prompt is empty");
     }
-    let max_context = a.max_context.unwrap_or(loaded.max_context);
+    let max_context = match a.max_context {
+        None => loaded.max_context,
+        Some(0) => bail!("--max-context must be > 0"),
+        Some(c) if c > loaded.max_context => bail!(
+            "--max-context {c} is more than the model's context of {} tokens",
+            loaded.max_context
+        ),
+        Some(c) => c,
+    };
     if ids.len() > max_context {
         match a.truncate {
             Truncate::None => bail!(
                 "the prompt has {} tokens, more than the context of {max_context} \
-                 (use --truncate middle or --max-context)",
+                 (use --truncate middle)",
                 ids.len()
             ),
             Truncate::Middle => {
+                // leave room to generate: up to half the context
+                let room = a.sampling.max_new_tokens.min(max_context / 2);
+                let keep = max_context - room;
                 eprintln!(
-                    "note: prompt of {} tokens truncated to {max_context} (middle removed)",
+                    "note: prompt of {} tokens truncated to {keep} (middle removed)",
                     ids.len()
                 );
-                ids = truncate_middle(&ids, max_context);
+                ids = truncate_middle(&ids, keep);
             }
         }
     }
     let opts = GenerateOptions {
         max_new_tokens: a.sampling.max_new_tokens,
         sampling: a.sampling.sampling(),
-        eos: if a.sampling.ignore_eos {
-            None
-        } else {
-            tok.and_then(|t| t.eos)
-                .or(loaded.model.config().llama.eos_token_id)
-        },
+        stop_ids: a
+            .sampling
+            .stop_ids(tok, loaded.model.config().llama.eos_token_id),
         stop: a.sampling.stop.clone(),
-        mode: m.attention_mode(),
+        mode: loaded.mode,
         decode_cache: m.decode_cache(),
-        max_context: max_context + a.sampling.max_new_tokens,
+        max_context,
     };
     let json = m.json;
     let mut out = std::io::stdout();

@@ -100,6 +100,11 @@ pub fn run(m: &ModelArgs, a: &ImportArgs) -> Result<()> {
             "--model {} is already a converted file; import reads --base/--adapter directories",
             p.display()
         ),
+        ModelSource::Gguf(p) => bail!(
+            "--model {} is a GGUF file, which loads directly with --model; import reads \
+             --base/--adapter directories",
+            p.display()
+        ),
     };
     let dtype = match m.dtype {
         DtypeArg::F32 => StoreDtype::F32,

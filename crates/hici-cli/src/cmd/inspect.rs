@@ -49,12 +49,7 @@ fn checksum<B: Backend>(
         .collect();
     let n = ids.len();
     let t = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), dev);
-    // A plain Llama (no HiCI modules) only has full attention.
-    let mode = if model.config().hici.is_none() {
-        hici_model::AttentionMode::Full
-    } else {
-        m.attention_mode()
-    };
+    let mode = m.resolve_mode(model.config().hici.is_some())?;
     let logits = to_vec_f32(model.forward(t, mode)?);
     let sum: f64 = logits.iter().map(|&x| x as f64).sum();
     let abs: f64 = logits.iter().map(|&x| (x as f64).abs()).sum();
@@ -81,8 +76,157 @@ fn checksum<B: Backend>(
     }))
 }
 
+/// `inspect` of a GGUF file: what its header says (architecture, dtypes by group, tokenizer,
+/// chat template, context), then a load and the logits checksum.
+fn run_gguf<B: Backend>(
+    m: &ModelArgs,
+    path: &std::path::Path,
+    a: &InspectArgs,
+    dev: &B::Device,
+) -> Result<()> {
+    let file =
+        hici_io::GgufFile::open(path).with_context(|| format!("inspecting {}", path.display()))?;
+    let summary = file
+        .summary()
+        .with_context(|| format!("inspecting {}", path.display()))?;
+    let vocab = file.vocab()?;
+    let template = vocab.as_ref().and_then(|v| v.chat_template.clone());
+    let mut doc = serde_json::json!({
+        "source": path.display().to_string(),
+        "format": format!("GGUF v{}", summary.version),
+        "architecture": summary.architecture,
+        "name": summary.name,
+        "file_type": summary.file_type,
+        "tensors": summary.n_tensors,
+        "parameters": summary.n_params,
+        "dtypes_by_group": summary.types,
+        "tokenizer": vocab.as_ref().map(|v| serde_json::json!({
+            "model": v.model, "pre": v.pre, "tokens": v.tokens.len(), "merges": v.merges.len(),
+            "bos": v.bos, "eos": v.eos, "eot": v.eot, "add_bos": v.add_bos,
+        })),
+        "chat_template": template,
+        "context_length": summary.context_length,
+        "tied_embeddings": summary.tied_embeddings,
+        "hici": false,
+    });
+    let config = file.llama_config()?;
+    doc["config"] = serde_json::to_value(&config)?;
+    drop(file);
+    let mut load_error = None;
+    if !a.no_load {
+        let t0 = std::time::Instant::now();
+        match load::<B>(m, dev) {
+            Ok(loaded) => {
+                doc["load_seconds"] = t0.elapsed().as_secs_f64().into();
+                doc["logits_checksum"] = checksum(m, &loaded.model, dev)?;
+                doc["max_context"] = loaded.max_context.into();
+                doc["chat_format"] = loaded.chat.name().into();
+                doc["notes"] = serde_json::to_value(&loaded.report.notes)?;
+            }
+            Err(e) => load_error = Some(format!("{e:#}")),
+        }
+    }
+    doc["load_error"] = load_error.clone().into();
+    if m.json {
+        println!("{doc}");
+    } else {
+        println!("GGUF model ({})", path.display());
+        println!(
+            "  format: GGUF v{}, {} tensors, {:.1} M parameters",
+            summary.version,
+            summary.n_tensors,
+            summary.n_params as f64 / 1e6
+        );
+        println!(
+            "  architecture: {}{}{}",
+            summary.architecture,
+            summary
+                .name
+                .as_ref()
+                .map_or(String::new(), |n| format!(" ({n})")),
+            summary
+                .file_type
+                .as_ref()
+                .map_or(String::new(), |t| format!(", {t}"))
+        );
+        println!(
+            "  shape: {} layers, hidden {}, {} heads / {} KV heads, FFN {}, vocab {}, rope base {}",
+            config.num_hidden_layers,
+            config.hidden_size,
+            config.num_attention_heads,
+            config.kv_heads(),
+            config.intermediate_size,
+            config.vocab_size,
+            config.rope_theta
+        );
+        println!(
+            "  context: {} tokens; embeddings {}",
+            summary.context_length,
+            if summary.tied_embeddings {
+                "tied (no output.weight)"
+            } else {
+                "untied"
+            }
+        );
+        println!("  HiCI: none (plain Llama: --mode full)");
+        for (group, types) in &summary.types {
+            let t: Vec<String> = types.iter().map(|(ty, n)| format!("{n} x {ty}")).collect();
+            println!("  {group:<13} {}", t.join(", "));
+        }
+        match &vocab {
+            Some(v) => println!(
+                "  tokenizer: {}{} with {} tokens, {} merges, bos {:?} eos {:?}, add_bos {}",
+                v.model,
+                v.pre
+                    .as_ref()
+                    .map_or(String::new(), |p| format!(" (pre `{p}`)")),
+                v.tokens.len(),
+                v.merges.len(),
+                v.bos,
+                v.eos,
+                v.add_bos
+            ),
+            None => println!("  tokenizer: none in the file"),
+        }
+        match &template {
+            Some(t) => println!(
+                "  chat template: the model's own ({} bytes of Jinja)",
+                t.len()
+            ),
+            None => println!("  chat template: none (Llama-2 [INST] format is used)"),
+        }
+        if let Some(c) = doc.get("logits_checksum") {
+            println!(
+                "logits checksum (prompt {}, mode {}): sum {:.6}, abs sum {:.6}, argmax(last) {}",
+                c["prompt_ids"].as_str().unwrap_or(""),
+                c["mode"].as_str().unwrap_or(""),
+                c["sum"].as_f64().unwrap_or(f64::NAN),
+                c["abs_sum"].as_f64().unwrap_or(f64::NAN),
+                c["last_argmax"]
+            );
+            println!(
+                "model loaded in {:.2} s",
+                doc["load_seconds"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+        println!(
+            "result: {}",
+            if load_error.is_none() {
+                "OK"
+            } else {
+                "loading failed"
+            }
+        );
+    }
+    if let Some(e) = load_error {
+        bail!("{e}");
+    }
+    Ok(())
+}
+
 pub fn run<B: Backend>(m: &ModelArgs, a: &InspectArgs, dev: &B::Device) -> Result<()> {
     let validation = match model_source(m)? {
+        ModelSource::Gguf(p) => return run_gguf::<B>(m, &p, a, dev),
         ModelSource::Dirs {
             base,
             adapter,

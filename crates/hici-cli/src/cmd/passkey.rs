@@ -62,7 +62,7 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &PasskeyArgs, dev: &B::Device) -> Resul
                 return Ok(());
             }
             let case = build_case(target, trial)?;
-            let prompt = tok.encode(&case.prompt, true)?;
+            let prompt = tok.encode_prompt(&case.prompt)?;
             let answer = tok.encode(&case.answer, false)?;
             if prompt.len() > loaded.max_context {
                 tracing::warn!(
@@ -74,9 +74,9 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &PasskeyArgs, dev: &B::Device) -> Resul
             let opts = GenerateOptions {
                 max_new_tokens: answer.len(),
                 sampling: a.sampling.sampling(),
-                eos: tok.eos,
+                stop_ids: tok.stop_ids.clone(),
                 stop: vec![],
-                mode: m.attention_mode(),
+                mode: loaded.mode,
                 decode_cache: m.decode_cache(),
                 max_context: prompt.len() + answer.len(),
             };

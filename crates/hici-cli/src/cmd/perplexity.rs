@@ -70,14 +70,14 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &PerplexityArgs, dev: &B::Device) -> Re
                 .tokenizer
                 .as_ref()
                 .context("--text needs a tokenizer.json (pass --tokenizer)")?;
-            tok.encode(&text, true)?
+            tok.encode_prompt(&text)?
         }
     };
     let opts = PplOptions {
         seq_len: a.seq_len,
         stride: a.stride,
         max_windows: a.max_windows,
-        mode: m.attention_mode(),
+        mode: loaded.mode,
     };
     let pb = ProgressBar::new(0);
     pb.set_style(
