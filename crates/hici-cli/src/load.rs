@@ -153,7 +153,7 @@ pub enum ModelSource {
 /// `--model`, else `--base`/`--adapter`, else the embedded model (with a note on stderr).
 pub fn model_source(args: &ModelArgs) -> Result<ModelSource> {
     if let Some(file) = &args.model {
-        if hici_io::is_gguf(file) {
+        if hici_io::is_gguf(file) || file.extension().is_some_and(|e| e == "gguf") {
             return Ok(ModelSource::Gguf(file.clone()));
         }
         return Ok(ModelSource::Converted(file.clone()));
@@ -274,8 +274,8 @@ pub fn read_checkpoint(args: &ModelArgs) -> Result<CheckpointSource> {
                     path.display()
                 );
             }
-            let g = load_gguf(&path, &load_options(args, 8))
-                .with_context(|| format!("loading {}", path.display()))?;
+            // the reader's errors name the file already
+            let g = load_gguf(&path, &load_options(args, 8))?;
             let chat_template = g.vocab.as_ref().and_then(|v| v.chat_template.clone());
             Ok(CheckpointSource {
                 checkpoint: g.checkpoint,

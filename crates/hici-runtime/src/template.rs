@@ -112,7 +112,7 @@ pub enum ChatFormat {
     /// for models that carry no template.
     Llama2,
     /// The model's own template.
-    Template(ChatTemplate),
+    Template(Box<ChatTemplate>),
 }
 
 impl ChatFormat {
@@ -122,11 +122,11 @@ impl ChatFormat {
             return Ok(ChatFormat::Llama2);
         };
         let text = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or_default();
-        Ok(ChatFormat::Template(ChatTemplate::new(
+        Ok(ChatFormat::Template(Box::new(ChatTemplate::new(
             src,
             &text(tok.bos),
             &text(tok.eos),
-        )?))
+        )?)))
     }
 
     /// Short name for reports (`llama-2` or `model template`).

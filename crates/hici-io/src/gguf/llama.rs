@@ -465,6 +465,71 @@ pub fn unpermute_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
     out
 }
 
+/// llama.cpp's `permute` (its converter's q/k row order for interleaved RoPE; the inverse of
+/// [`unpermute_rows`]): per head, HF row `p * hd/2 + i` goes to row `2i + p`.
+pub fn permute_rows(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    let rows = w.len() / cols;
+    let hd = rows / heads;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..heads {
+        for p in 0..2 {
+            for i in 0..hd / 2 {
+                let src = (h * hd + p * (hd / 2) + i) * cols;
+                let dst = (h * hd + i * 2 + p) * cols;
+                out[dst..dst + cols].copy_from_slice(&w[src..src + cols]);
+            }
+        }
+    }
+    out
+}
+
+/// A plain Llama checkpoint as a GGUF file the way llama.cpp's converter writes it: `llama.*`
+/// metadata from the configuration, llama.cpp tensor names, q/k rows in its RoPE order, f32
+/// data. HiCI modules and LoRA factors have no GGUF names: an error.
+pub fn llama_gguf_writer(ck: &Checkpoint) -> Result<super::writer::GgufWriter, IoError> {
+    let l = &ck.config.llama;
+    let mut w = super::writer::GgufWriter::default();
+    let u = |v: usize| GgufValue::U32(v as u32);
+    w.meta("general.architecture", GgufValue::String("llama".into()))
+        .meta("llama.block_count", u(l.num_hidden_layers))
+        .meta("llama.context_length", u(l.max_position_embeddings))
+        .meta("llama.embedding_length", u(l.hidden_size))
+        .meta("llama.feed_forward_length", u(l.intermediate_size))
+        .meta("llama.attention.head_count", u(l.num_attention_heads))
+        .meta("llama.attention.head_count_kv", u(l.kv_heads()))
+        .meta("llama.rope.freq_base", GgufValue::F32(l.rope_theta as f32))
+        .meta(
+            "llama.attention.layer_norm_rms_epsilon",
+            GgufValue::F32(l.rms_norm_eps as f32),
+        );
+    if let Some(rs) = &l.rope_scaling {
+        w.meta(
+            "llama.rope.scaling.type",
+            GgufValue::String(rs.kind.clone()),
+        )
+        .meta(
+            "llama.rope.scaling.factor",
+            GgufValue::F32(rs.factor as f32),
+        );
+    }
+    for (k, t) in &ck.weights {
+        let name = gguf_name(k).ok_or_else(|| IoError::Gguf {
+            path: "<gguf writer>".into(),
+            msg: format!("tensor `{k}` has no GGUF name (HiCI modules and LoRA are not exported)"),
+        })?;
+        let cols = t.shape[1..].iter().product::<usize>().max(1);
+        let data = if k.ends_with("q_proj.weight") {
+            permute_rows(&t.data, l.num_attention_heads, cols)
+        } else if k.ends_with("k_proj.weight") {
+            permute_rows(&t.data, l.kv_heads(), cols)
+        } else {
+            t.data.clone()
+        };
+        w.f32_tensor(&name, &t.shape, &data);
+    }
+    Ok(w)
+}
+
 /// Reads a Llama-family GGUF model: every tensor the configuration implies, dequantized to
 /// f32, q/k rows un-permuted; a tensor the model does not use is an error. `opts.rope_factor`
 /// overrides the file's RoPE scaling; the HiCI options do not apply (no HiCI modules).
@@ -541,33 +606,15 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<GgufModel, IoError> 
 mod tests {
     use super::*;
 
-    /// llama.cpp's `permute` (convert_hf_to_gguf.py), written out for the test.
-    fn permute(w: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-        let rows = w.len() / cols;
-        let hd = rows / heads;
-        let mut out = vec![0f32; w.len()];
-        // reshape(heads, 2, hd/2, cols).swapaxes(1, 2): out[h][i][p] = in[h][p][i]
-        for h in 0..heads {
-            for p in 0..2 {
-                for i in 0..hd / 2 {
-                    let src = (h * hd + p * (hd / 2) + i) * cols;
-                    let dst = (h * hd + i * 2 + p) * cols;
-                    out[dst..dst + cols].copy_from_slice(&w[src..src + cols]);
-                }
-            }
-        }
-        out
-    }
-
     #[test]
     fn unpermute_inverts_llama_cpp_permute() {
         let (heads, hd, cols) = (3, 8, 5);
         let w: Vec<f32> = (0..heads * hd * cols).map(|x| x as f32).collect();
-        let p = permute(&w, heads, cols);
+        let p = permute_rows(&w, heads, cols);
         assert_ne!(p, w);
         assert_eq!(unpermute_rows(&p, heads, cols), w);
         // head_dim 4, one column: stored rows [0, 2, 1, 3] of the HF order
-        assert_eq!(permute(&[0., 1., 2., 3.], 1, 1), vec![0., 2., 1., 3.]);
+        assert_eq!(permute_rows(&[0., 1., 2., 3.], 1, 1), vec![0., 2., 1., 3.]);
     }
 
     #[test]

@@ -84,6 +84,18 @@ impl GgufWriter {
         }
     }
 
+    /// The metadata entries and the tensors (name, ggml dims, type, bytes), for editing
+    /// before [`Self::to_bytes`].
+    #[allow(clippy::type_complexity)]
+    pub fn parts_mut(
+        &mut self,
+    ) -> (
+        &mut Vec<(String, GgufValue)>,
+        &mut Vec<(String, Vec<u64>, GgmlType, Vec<u8>)>,
+    ) {
+        (&mut self.metadata, &mut self.tensors)
+    }
+
     /// Adds a metadata entry (`general.alignment` is written from [`Self::alignment`]).
     pub fn meta(&mut self, key: &str, value: GgufValue) -> &mut Self {
         self.metadata.push((key.to_string(), value));
