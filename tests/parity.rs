@@ -3,6 +3,9 @@
 //! Tolerance: 1e-4 absolute on logits (the fixture's own fp32-vs-fp64 spread is 2.3e-5).
 
 mod common;
+/// SmolLM2 (GGUF) against an independent reference.
+#[path = "parity/smollm2.rs"]
+mod smollm2;
 
 use common::*;
 use hici::model::{

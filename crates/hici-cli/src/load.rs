@@ -345,3 +345,35 @@ fn cache_tokenizer(text: &str) -> Result<PathBuf> {
         .with_context(|| format!("writing the embedded tokenizer to {}", path.display()))?;
     Ok(path)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_template_from_tokenizer_config_string_or_named_list() {
+        let dir = std::env::temp_dir().join(format!("hici-chat-template-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tok = dir.join("tokenizer.json");
+        let cfg = dir.join("tokenizer_config.json");
+        assert_eq!(chat_template_near(&tok).unwrap(), None);
+        std::fs::write(&cfg, r#"{"chat_template": "{{ messages }}"}"#).unwrap();
+        assert_eq!(
+            chat_template_near(&tok).unwrap().as_deref(),
+            Some("{{ messages }}")
+        );
+        std::fs::write(
+            &cfg,
+            r#"{"chat_template": [{"name": "tool_use", "template": "T"},
+                                  {"name": "default", "template": "D"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(chat_template_near(&tok).unwrap().as_deref(), Some("D"));
+        std::fs::write(&cfg, "{oops").unwrap();
+        assert!(chat_template_near(&tok)
+            .unwrap_err()
+            .to_string()
+            .contains("tokenizer_config.json"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

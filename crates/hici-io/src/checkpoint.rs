@@ -498,37 +498,10 @@ pub(crate) fn hici_layer_shapes(
     h: usize,
     c: &HiciConfig,
 ) -> Vec<(String, Vec<usize>)> {
-    let (m, k, bd, cd, sd) = (
-        c.local_slots,
-        c.global_slots,
-        c.bottleneck_dim,
-        c.compress_dim,
-        c.shared_compress_dim,
-    );
-    let lc = format!("model.layers.{layer}.self_attn.local_constructor.");
-    let gi = format!("model.layers.{layer}.self_attn.global_integrator.");
-    let mut v = vec![
-        (format!("{lc}memory_slots"), vec![m, h]),
-        (format!("{lc}q_proj.weight"), vec![bd, h]),
-        (format!("{lc}k_proj.weight"), vec![bd, h]),
-        (format!("{lc}v_proj.weight"), vec![bd, h]),
-        (format!("{lc}o_proj.weight"), vec![h, bd]),
-        (format!("{gi}shared_compressor.0.weight"), vec![sd, h]),
-        (format!("{gi}shared_compressor.1.weight"), vec![sd]),
-        (format!("{gi}shared_compressor.1.bias"), vec![sd]),
-    ];
-    if c.has_stat_expand() {
-        v.push((format!("{gi}stat_expand.0.weight"), vec![cd, sd]));
-        v.push((format!("{gi}stat_expand.1.weight"), vec![cd]));
-        v.push((format!("{gi}stat_expand.1.bias"), vec![cd]));
-    }
-    v.push((format!("{gi}global_queries"), vec![k, cd]));
-    for p in ["q", "k", "v", "o"] {
-        v.push((format!("{gi}{p}_proj.weight"), vec![cd, cd]));
-    }
-    v.push((format!("{gi}expand.weight"), vec![h, cd]));
-    v.push((format!("{gi}expand_scale_param"), vec![]));
-    v
+    hici_model::layout::hici_layer_tensors(layer, h, c)
+        .into_iter()
+        .map(|t| (t.name, t.shape))
+        .collect()
 }
 
 /// Step 4 (part): derives the HiCI configuration from layer 0 (spec §8) and checks that every

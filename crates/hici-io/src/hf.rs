@@ -216,30 +216,17 @@ pub(crate) fn is_hici_key(key: &str) -> bool {
     key.contains(".local_constructor.") || key.contains(".global_integrator.")
 }
 
-/// The shape every base Llama tensor must have under `cfg`, or `None` for an unknown name.
+/// The shape every base Llama tensor must have under `cfg`, or `None` for an unknown name
+/// (from [`hici_model::layout::base_tensors`]). `lm_head.weight` has a shape even when the
+/// embeddings are tied (some tied checkpoints still carry a copy).
 pub(crate) fn expected_base_shape(cfg: &LlamaConfig, key: &str) -> Option<Vec<usize>> {
-    let h = cfg.hidden_size;
-    let kv = cfg.kv_heads() * cfg.head_dim();
-    let i = cfg.intermediate_size;
-    let v = cfg.vocab_size;
-    match key {
-        "model.embed_tokens.weight" | "lm_head.weight" => return Some(vec![v, h]),
-        "model.norm.weight" => return Some(vec![h]),
-        _ => {}
+    if key == "lm_head.weight" {
+        return Some(vec![cfg.vocab_size, cfg.hidden_size]);
     }
-    let rest = key.strip_prefix("model.layers.")?;
-    let (layer, name) = parse_layer(rest)?;
-    if layer >= cfg.num_hidden_layers {
-        return None;
-    }
-    Some(match name {
-        "input_layernorm.weight" | "post_attention_layernorm.weight" => vec![h],
-        "self_attn.q_proj.weight" | "self_attn.o_proj.weight" => vec![h, h],
-        "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => vec![kv, h],
-        "mlp.gate_proj.weight" | "mlp.up_proj.weight" => vec![i, h],
-        "mlp.down_proj.weight" => vec![h, i],
-        _ => return None,
-    })
+    hici_model::layout::base_tensors(cfg)
+        .into_iter()
+        .find(|t| t.name == key)
+        .map(|t| t.shape)
 }
 
 /// Splits `"{i}.{rest}"` into the layer index and the rest (canonical decimal only).
@@ -251,29 +238,10 @@ pub(crate) fn parse_layer(s: &str) -> Option<(usize, &str)> {
 
 /// Every tensor name a plain Llama base must have under `cfg`.
 pub(crate) fn required_base_keys(cfg: &LlamaConfig) -> Vec<String> {
-    let mut keys = vec![
-        "model.embed_tokens.weight".to_string(),
-        "model.norm.weight".to_string(),
-    ];
-    if !cfg.tie_word_embeddings {
-        keys.push("lm_head.weight".into());
-    }
-    for l in 0..cfg.num_hidden_layers {
-        for name in [
-            "input_layernorm.weight",
-            "post_attention_layernorm.weight",
-            "self_attn.q_proj.weight",
-            "self_attn.k_proj.weight",
-            "self_attn.v_proj.weight",
-            "self_attn.o_proj.weight",
-            "mlp.gate_proj.weight",
-            "mlp.up_proj.weight",
-            "mlp.down_proj.weight",
-        ] {
-            keys.push(format!("model.layers.{l}.{name}"));
-        }
-    }
-    keys
+    hici_model::layout::base_tensors(cfg)
+        .into_iter()
+        .map(|t| t.name)
+        .collect()
 }
 
 /// Checks names and shapes of the base tensors against the config.
@@ -330,5 +298,16 @@ mod tests {
         );
         assert_eq!(expected_base_shape(&c, "model.layers.0.mlp.bias"), None);
         assert_eq!(required_base_keys(&c).len(), 3 + 2 * 9);
+        // tied embeddings: no lm_head required (a copy is still accepted)
+        let tied = LlamaConfig {
+            tie_word_embeddings: true,
+            ..c.clone()
+        };
+        assert_eq!(required_base_keys(&tied).len(), 2 + 2 * 9);
+        assert!(!required_base_keys(&tied).contains(&"lm_head.weight".to_string()));
+        assert_eq!(
+            expected_base_shape(&tied, "lm_head.weight"),
+            Some(vec![512, 64])
+        );
     }
 }

@@ -1,8 +1,7 @@
 //! The tensors a configuration implies and their parameter counts (spec §2.2, §2.3, §8),
 //! computed from the configuration so that they hold for any size, not only 7B.
 
-use crate::checkpoint::{hici_layer_shapes, ParamCounts};
-use crate::hf::{expected_base_shape, required_base_keys};
+use crate::checkpoint::ParamCounts;
 use hici_model::config::{HiciConfig, LlamaConfig, ModelConfig};
 use std::collections::BTreeMap;
 
@@ -36,48 +35,19 @@ pub fn is_llama2_7b(llama: &LlamaConfig, hici: Option<&HiciConfig>) -> bool {
         })
 }
 
+fn shapes(v: Vec<hici_model::layout::TensorSpec>) -> BTreeMap<String, Vec<usize>> {
+    v.into_iter().map(|t| (t.name, t.shape)).collect()
+}
+
 /// Plain Llama tensors and their shapes under `llama` (its `vocab_size` for embedding and
 /// `lm_head`).
 pub fn base_tensors(llama: &LlamaConfig) -> BTreeMap<String, Vec<usize>> {
-    required_base_keys(llama)
-        .into_iter()
-        .map(|k| {
-            let shape = expected_base_shape(llama, &k).expect("required keys have shapes");
-            (k, shape)
-        })
-        .collect()
+    shapes(hici_model::layout::base_tensors(llama))
 }
 
 /// HiCI module tensors of every layer.
 pub fn hici_tensors(llama: &LlamaConfig, hici: &HiciConfig) -> BTreeMap<String, Vec<usize>> {
-    (0..llama.num_hidden_layers)
-        .flat_map(|l| hici_layer_shapes(l, llama.hidden_size, hici))
-        .collect()
-}
-
-/// `(in, out)` of each LoRA-able projection of one layer, by its module prefix
-/// (`self_attn.q_proj`, `self_attn.local_constructor.o_proj`, ...). HiCI projections are
-/// included when `hici` is given.
-fn lora_targets(llama: &LlamaConfig, hici: Option<&HiciConfig>) -> Vec<(String, usize, usize)> {
-    let h = llama.hidden_size;
-    let kv = llama.kv_heads() * llama.head_dim();
-    let mut v = vec![
-        ("self_attn.q_proj".to_string(), h, h),
-        ("self_attn.k_proj".to_string(), h, kv),
-        ("self_attn.v_proj".to_string(), h, kv),
-        ("self_attn.o_proj".to_string(), h, h),
-    ];
-    if let Some(c) = hici {
-        let (bd, cd) = (c.bottleneck_dim, c.compress_dim);
-        for p in ["q", "k", "v"] {
-            v.push((format!("self_attn.local_constructor.{p}_proj"), h, bd));
-        }
-        v.push(("self_attn.local_constructor.o_proj".into(), bd, h));
-        for p in ["q", "k", "v", "o"] {
-            v.push((format!("self_attn.global_integrator.{p}_proj"), cd, cd));
-        }
-    }
-    v
+    shapes(hici_model::layout::hici_tensors(llama, hici))
 }
 
 /// LoRA factors of rank `r` on every projection (12 per layer with HiCI, spec §2.2).
@@ -86,14 +56,7 @@ pub fn lora_tensors(
     hici: Option<&HiciConfig>,
     r: usize,
 ) -> BTreeMap<String, Vec<usize>> {
-    let mut out = BTreeMap::new();
-    for l in 0..llama.num_hidden_layers {
-        for (m, i, o) in lora_targets(llama, hici) {
-            out.insert(format!("model.layers.{l}.{m}.lora_A.weight"), vec![r, i]);
-            out.insert(format!("model.layers.{l}.{m}.lora_B.weight"), vec![o, r]);
-        }
-    }
-    out
+    shapes(hici_model::layout::lora_tensors(llama, hici, r))
 }
 
 /// Per-layer HiCI parameters, spec §8:
@@ -133,7 +96,7 @@ pub fn expected_counts(
     let hici_count = hici.map_or(0, |c| layers * hici_params_per_layer(h, c));
     let lora = lora_r.map_or(0, |r| {
         layers
-            * lora_targets(base_llama, hici)
+            * hici_model::layout::lora_targets(base_llama, hici)
                 .iter()
                 .map(|(_, i, o)| r * (i + o))
                 .sum::<usize>()
@@ -150,14 +113,7 @@ pub fn expected_counts(
 /// Every tensor of a complete model with `cfg` (final vocabulary), LoRA factors of rank `r`
 /// on all projections when `lora_r` is given.
 pub fn model_tensors(cfg: &ModelConfig, lora_r: Option<usize>) -> BTreeMap<String, Vec<usize>> {
-    let mut out = base_tensors(&cfg.llama);
-    if let Some(h) = &cfg.hici {
-        out.extend(hici_tensors(&cfg.llama, h));
-    }
-    if let Some(r) = lora_r {
-        out.extend(lora_tensors(&cfg.llama, cfg.hici.as_ref(), r));
-    }
-    out
+    shapes(hici_model::layout::model_tensors(cfg, lora_r))
 }
 
 #[cfg(test)]

@@ -96,8 +96,12 @@ pub fn attend_tiled<B: Backend>(
     let k_len = k.dims()[2];
     assert!(k_len >= q_len, "attend: k_len {k_len} < q_len {q_len}");
     let offset = k_len - q_len;
-    let k = repeat_kv(k, nh);
-    let v = repeat_kv(v, nh);
+    let nkv = k.dims()[1];
+    assert!(nh % nkv == 0, "attend: {nh} query heads for {nkv} KV heads");
+    // GQA without copies of K/V: the `rep` query heads of a KV head become `rep` row groups
+    // of one head (`[b, nh, qb, d]` -> `[b, nkv, rep * qb, d]`); row `g * qb + r` is query row
+    // `r`, so each mask is the per-row mask repeated `rep` times.
+    let rep = nh / nkv;
     let opts = AttentionModuleOptions {
         scale: match kernel {
             AttentionKernel::Exact => Some(1.0 / (d as f64).sqrt()),
@@ -119,10 +123,13 @@ pub fn attend_tiled<B: Backend>(
         let qb = tiles.query.min(q_len - q0);
         // last query row of the block sees keys 0 ..= q0 + qb - 1 + offset
         let kb = (q0 + qb + offset).min(k_len);
-        let qs = q.clone().narrow(2, q0, qb);
+        let qs = q.clone().narrow(2, q0, qb).reshape([b, nkv, rep * qb, d]);
+        let unfold = |o: Tensor<B, 4>| o.reshape([b, nh, qb, d]);
         if kernel == AttentionKernel::Exact && kb > tiles.key {
             let diag = (q0 + offset) as i64;
-            outs.push(online_softmax_block(qs, &k, &v, kb, diag, tiles.key, d));
+            outs.push(unfold(online_softmax_block(
+                qs, &k, &v, kb, diag, tiles.key, rep,
+            )));
             q0 += qb;
             continue;
         }
@@ -130,12 +137,9 @@ pub fn attend_tiled<B: Backend>(
         let vs = v.clone().narrow(2, 0, kb);
         // row r (global q0 + r) may see key j iff j <= q0 + r + offset
         let diag = (q0 + offset) as i64;
-        let mask = ((kb as i64) - 1 > diag).then(|| {
-            Tensor::<B, 2, Bool>::tril_mask([qb, kb], diag, &device)
-                .reshape([1, 1, qb, kb])
-                .expand([b, nh, qb, kb])
-        });
-        outs.push(attention(qs, ks, vs, mask, None, opts));
+        let mask = ((kb as i64) - 1 > diag)
+            .then(|| grouped_mask::<B>([b, nkv, rep, qb, kb], diag, &device));
+        outs.push(unfold(attention(qs, ks, vs, mask, None, opts)));
         q0 += qb;
     }
     let out = if outs.len() == 1 {
@@ -146,12 +150,26 @@ pub fn attend_tiled<B: Backend>(
     as_dtype(out, dtype)
 }
 
+/// The hidden-key mask of a GQA-folded block, full shape `[b, nkv, rep * qb, kc]`: row
+/// `g * qb + r` hides key `c` iff `c > diag + r` (the `[qb, kc]` causal mask, `rep` times).
+fn grouped_mask<B: Backend>(
+    [b, nkv, rep, qb, kc]: [usize; 5],
+    diag: i64,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    Tensor::<B, 2, Bool>::tril_mask([qb, kc], diag, device)
+        .reshape([1, 1, 1, qb, kc])
+        .expand([b, nkv, rep, qb, kc])
+        .reshape([b, nkv, rep * qb, kc])
+}
+
 /// One query block against keys `0..kb`, walked in chunks of `chunk` keys with a running max
 /// `m`, running sum `l` and unnormalised output `acc` (all f32), initialised from the first chunk.
 ///
-/// `qs: [b, nh, qb, d]`, `k`/`v`: `[b, nh, k_len, d]` (heads already repeated), row `r` of the
-/// block may see key `j` iff `j <= diag + r` -> `[b, nh, qb, d]`. Key 0 is visible to every row,
-/// so `m` is finite after the first chunk and a fully masked later chunk adds exact zeros.
+/// `qs: [b, nkv, rep * qb, d]` (GQA-folded, see [`attend_tiled`]), `k`/`v`: `[b, nkv, k_len,
+/// d]`; row `g * qb + r` of the block may see key `j` iff `j <= diag + r` -> `[b, nkv, rep * qb,
+/// d]`. Key 0 is visible to every row, so `m` is finite after the first chunk and a fully masked
+/// later chunk adds exact zeros.
 fn online_softmax_block<B: Backend>(
     qs: Tensor<B, 4>,
     k: &Tensor<B, 4>,
@@ -159,12 +177,13 @@ fn online_softmax_block<B: Backend>(
     kb: usize,
     diag: i64,
     chunk: usize,
-    d: usize,
+    rep: usize,
 ) -> Tensor<B, 4> {
-    let [b, nh, qb, _] = qs.dims();
+    let [b, nkv, rows, d] = qs.dims();
+    let qb = rows / rep;
     let device = qs.device();
     let qs = qs.mul_scalar(1.0 / (d as f64).sqrt());
-    // scores of keys k0 .. k0 + kc, the hidden ones at -inf: [b, nh, qb, kc]
+    // scores of keys k0 .. k0 + kc, the hidden ones at -inf: [b, nkv, rep * qb, kc]
     let scores = |k0: usize, kc: usize| {
         let s = qs
             .clone()
@@ -172,9 +191,7 @@ fn online_softmax_block<B: Backend>(
         // global key k0 + c is hidden from row r iff k0 + c > diag + r
         let local_diag = diag - k0 as i64;
         if (kc as i64) - 1 > local_diag {
-            let mask = Tensor::<B, 2, Bool>::tril_mask([qb, kc], local_diag, &device)
-                .reshape([1, 1, qb, kc])
-                .expand([b, nh, qb, kc]);
+            let mask = grouped_mask::<B>([b, nkv, rep, qb, kc], local_diag, &device);
             s.mask_fill(mask, f32::NEG_INFINITY)
         } else {
             s

@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod hici;
 pub mod layer;
+pub mod layout;
 pub mod lora;
 pub mod model;
 pub mod rope;

@@ -4,6 +4,7 @@
 //! PEFT name when the model builder asks for it, so host memory holds one tensor at a time.
 
 use crate::config::ModelConfig;
+use crate::layout::{model_tensors, TensorKind};
 use crate::weights::{HostTensor, WeightSource};
 use std::collections::BTreeMap;
 
@@ -25,105 +26,23 @@ pub struct SyntheticWeights {
 }
 
 impl SyntheticWeights {
-    /// Every tensor [`crate::HiciLlama::from_weights`] takes for `cfg` (no LoRA; plain weights).
+    /// Every tensor [`crate::HiciLlama::from_weights`] takes for `cfg` (no LoRA; plain
+    /// weights): [`crate::layout::model_tensors`], filled by kind (linear weights with std
+    /// `1/sqrt(in)`, which keeps activations near unit variance; norm gains 1, biases 0).
     pub fn new(cfg: &ModelConfig, seed: u64) -> Self {
-        let l = &cfg.llama;
-        let (h, i, v) = (l.hidden_size, l.intermediate_size, l.vocab_size);
-        let hd = l.head_dim();
-        let (nh, nkv) = (l.num_attention_heads, l.kv_heads());
-        let mut specs = BTreeMap::new();
-        let mut put = |name: String, shape: Vec<usize>, init: Init| {
-            specs.insert(name, (shape, init));
-        };
-        // Linear [out, in], std 1/sqrt(in) keeps activations near unit variance.
-        let lin = |out: usize, inp: usize| (vec![out, inp], Init::Std(1.0 / (inp as f32).sqrt()));
-        put(
-            "model.embed_tokens.weight".into(),
-            vec![v, h],
-            Init::Std(1.0),
-        );
-        for li in 0..l.num_hidden_layers {
-            let p = format!("model.layers.{li}");
-            put(format!("{p}.input_layernorm.weight"), vec![h], Init::Ones);
-            put(
-                format!("{p}.post_attention_layernorm.weight"),
-                vec![h],
-                Init::Ones,
-            );
-            for (n, (o, inp)) in [
-                ("q_proj", (nh * hd, h)),
-                ("k_proj", (nkv * hd, h)),
-                ("v_proj", (nkv * hd, h)),
-                ("o_proj", (h, nh * hd)),
-            ] {
-                let (s, init) = lin(o, inp);
-                put(format!("{p}.self_attn.{n}.weight"), s, init);
-            }
-            for (n, (o, inp)) in [
-                ("gate_proj", (i, h)),
-                ("up_proj", (i, h)),
-                ("down_proj", (h, i)),
-            ] {
-                let (s, init) = lin(o, inp);
-                put(format!("{p}.mlp.{n}.weight"), s, init);
-            }
-            if let Some(hc) = &cfg.hici {
-                let lc = format!("{p}.self_attn.local_constructor");
-                let bd = hc.bottleneck_dim;
-                put(
-                    format!("{lc}.memory_slots"),
-                    vec![hc.local_slots, h],
-                    Init::Std(1.0),
-                );
-                for (n, (o, inp)) in [
-                    ("q_proj", (bd, h)),
-                    ("k_proj", (bd, h)),
-                    ("v_proj", (bd, h)),
-                    ("o_proj", (h, bd)),
-                ] {
-                    let (s, init) = lin(o, inp);
-                    put(format!("{lc}.{n}.weight"), s, init);
-                }
-                let gi = format!("{p}.self_attn.global_integrator");
-                let (sd, cd) = (hc.shared_compress_dim, hc.compress_dim);
-                let (s, init) = lin(sd, h);
-                put(format!("{gi}.shared_compressor.0.weight"), s, init);
-                put(
-                    format!("{gi}.shared_compressor.1.weight"),
-                    vec![sd],
-                    Init::Ones,
-                );
-                put(
-                    format!("{gi}.shared_compressor.1.bias"),
-                    vec![sd],
-                    Init::Zeros,
-                );
-                if hc.has_stat_expand() {
-                    let (s, init) = lin(cd, sd);
-                    put(format!("{gi}.stat_expand.0.weight"), s, init);
-                    put(format!("{gi}.stat_expand.1.weight"), vec![cd], Init::Ones);
-                    put(format!("{gi}.stat_expand.1.bias"), vec![cd], Init::Zeros);
-                }
-                put(
-                    format!("{gi}.global_queries"),
-                    vec![hc.global_slots, cd],
-                    Init::Std(1.0),
-                );
-                for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-                    let (s, init) = lin(cd, cd);
-                    put(format!("{gi}.{n}.weight"), s, init);
-                }
-                let (s, init) = lin(h, cd);
-                put(format!("{gi}.expand.weight"), s, init);
-                // 0-dim in PyTorch; softplus(0) = 0.69 gate
-                put(format!("{gi}.expand_scale_param"), vec![], Init::Zeros);
-            }
-        }
-        put("model.norm.weight".into(), vec![h], Init::Ones);
-        if !l.tie_word_embeddings {
-            let (s, init) = lin(v, h);
-            put("lm_head.weight".into(), s, init);
-        }
+        let specs = model_tensors(cfg, None)
+            .into_iter()
+            .map(|t| {
+                let init = match t.kind {
+                    TensorKind::Embedding | TensorKind::Slots => Init::Std(1.0),
+                    TensorKind::Linear { fan_in } => Init::Std(1.0 / (fan_in as f32).sqrt()),
+                    TensorKind::NormGain => Init::Ones,
+                    // 0-dim in PyTorch; softplus(0) = 0.69 gate
+                    TensorKind::NormBias | TensorKind::Scalar | TensorKind::Lora => Init::Zeros,
+                };
+                (t.name, (t.shape, init))
+            })
+            .collect();
         Self { specs, seed }
     }
 
@@ -214,4 +133,56 @@ fn random_uniform(n: usize, std: f32, seed: u64) -> Vec<f32> {
         });
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{HiciConfig, LlamaConfig, LoraMode};
+    use crate::HiciLlama;
+
+    type B = burn::backend::NdArray<f32>;
+
+    /// The model builder takes exactly the tensors of [`crate::layout::model_tensors`], with
+    /// and without HiCI modules, tied or not, with GQA.
+    #[test]
+    fn the_model_takes_exactly_the_layout_tensors() {
+        for (hici, tied) in [(true, false), (false, true), (false, false)] {
+            let llama = LlamaConfig::from_json(&format!(
+                r#"{{"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 40,
+                    "max_position_embeddings": 64, "tie_word_embeddings": {tied}}}"#
+            ))
+            .unwrap();
+            let cfg = ModelConfig {
+                llama,
+                hici: hici.then_some(HiciConfig {
+                    local_slots: 2,
+                    global_slots: 2,
+                    lc_heads: 2,
+                    gi_heads: 2,
+                    bottleneck_dim: 8,
+                    compress_dim: 8,
+                    shared_compress_dim: 4,
+                }),
+                rope_factor: 1.0,
+            };
+            let mut src = SyntheticWeights::new(&cfg, 1);
+            let n = crate::layout::model_tensors(&cfg, None).len();
+            assert_eq!(src.remaining().len(), n);
+            HiciLlama::<B>::from_weights(
+                &cfg,
+                None,
+                LoraMode::Merged,
+                &mut src,
+                &Default::default(),
+            )
+            .unwrap();
+            assert!(
+                src.remaining().is_empty(),
+                "not taken: {:?}",
+                src.remaining()
+            );
+        }
+    }
 }

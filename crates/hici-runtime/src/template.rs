@@ -207,3 +207,44 @@ impl ChatFormat {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_get_python_methods_raise_exception_and_special_tokens() {
+        let src = "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}\
+                   {{ raise_exception('no system here') }}{% endif %}\
+                   [{{ m['role'] | upper }}] {{ m['content'].strip() }}\n{% endfor %}\
+                   {% if add_generation_prompt %}[ASSISTANT]{% endif %}";
+        let t = ChatTemplate::new(src, "<s>", "</s>").unwrap();
+        let out = t
+            .render(&[ChatMessage::new("user", "  hi there \n")], true)
+            .unwrap();
+        assert_eq!(out, "<s>[USER] hi there\n[ASSISTANT]");
+        let e = t
+            .render(&[ChatMessage::new("system", "x")], false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no system here"), "{e}");
+        let e = ChatTemplate::new("{% for %}", "", "")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("chat template"), "{e}");
+    }
+
+    #[test]
+    fn trim_and_lstrip_blocks_like_transformers() {
+        let src = "{% for m in messages %}\n    {{ m.content }}\n{% endfor %}";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        let out = t
+            .render(
+                &[ChatMessage::new("user", "a"), ChatMessage::new("user", "b")],
+                false,
+            )
+            .unwrap();
+        assert_eq!(out, "    a\n    b\n");
+    }
+}

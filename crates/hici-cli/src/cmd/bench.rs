@@ -50,14 +50,10 @@ pub struct BenchArgs {
     /// Extra tokens put in the cache (untimed) between the prefill and the timed decode.
     #[arg(long, default_value_t = 0)]
     pub depth: usize,
-    /// Attention modes to measure, comma-separated (hici-segmented uses --segments).
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "full,hici,hici-segmented"
-    )]
-    pub modes: Vec<ModeArg>,
+    /// Attention modes to measure, comma-separated (hici-segmented uses --segments; default:
+    /// full,hici,hici-segmented for a HiCI model, full for a plain one).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub modes: Option<Vec<ModeArg>>,
     /// Untimed runs per row before the timed ones.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
@@ -518,13 +514,14 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &BenchArgs, dev: &B::Device) -> Result<
     if a.iters == 0 {
         bail!("--iters must be > 0");
     }
-    if a.modes.is_empty() {
+    if a.modes.as_ref().is_some_and(|m| m.is_empty()) {
         bail!("--modes needs at least one mode");
     }
+    let requested = a.modes.clone().unwrap_or_default();
     if a.synthetic.is_some() && m.base.is_some() {
         bail!("--synthetic and --base are exclusive");
     }
-    if a.modes.contains(&ModeArg::HiciSegmented) {
+    if requested.contains(&ModeArg::HiciSegmented) {
         let bad: Vec<_> = a
             .prompt_len
             .iter()
@@ -559,17 +556,37 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &BenchArgs, dev: &B::Device) -> Result<
         }
         None => {
             let loaded = crate::load::load::<B>(m, dev)?;
-            let src = match &m.base {
-                Some(b) => b.display().to_string(),
-                None => "embedded:tiny-hici-a".to_string(),
+            let src = match (&m.model, &m.base) {
+                (Some(f), _) => f.display().to_string(),
+                (None, Some(b)) => b.display().to_string(),
+                (None, None) => "embedded:tiny-hici-a".to_string(),
             };
             (loaded.model, src, loaded.max_context)
         }
     };
     let load_s = t_load.elapsed().as_secs_f64();
     let cfg = model.config().clone();
+    let modes = match &a.modes {
+        Some(m) => m.clone(),
+        None if cfg.hici.is_some() => vec![ModeArg::Full, ModeArg::Hici, ModeArg::HiciSegmented],
+        None => vec![ModeArg::Full],
+    };
+    if modes.contains(&ModeArg::HiciSegmented) && a.modes.is_none() {
+        let bad: Vec<_> = a
+            .prompt_len
+            .iter()
+            .filter(|&&p| m.segments == 0 || p % m.segments != 0)
+            .collect();
+        if !bad.is_empty() {
+            bail!(
+                "hici-segmented (a default mode for a HiCI model) needs prompt lengths divisible \
+                 by --segments {}: {bad:?} (or pass --modes)",
+                m.segments
+            );
+        }
+    }
     if cfg.hici.is_none() {
-        if let Some(&bad) = a.modes.iter().find(|&&md| md != ModeArg::Full) {
+        if let Some(&bad) = modes.iter().find(|&&md| md != ModeArg::Full) {
             bail!(
                 "mode {} needs HiCI modules, but the model has none",
                 mode_name(bad)
@@ -595,7 +612,7 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &BenchArgs, dev: &B::Device) -> Result<
 
     let mut rows = Vec::new();
     let mut interrupted = false;
-    'outer: for &mode in &a.modes {
+    'outer: for &mode in &modes {
         for &p in &a.prompt_len {
             let spec = RowSpec {
                 mode,
@@ -735,7 +752,7 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &BenchArgs, dev: &B::Device) -> Result<
                 "prompt_lens": a.prompt_len,
                 "gen_len": a.gen_len,
                 "depth": a.depth,
-                "modes": a.modes.iter().map(|&md| mode_name(md)).collect::<Vec<_>>(),
+                "modes": modes.iter().map(|&md| mode_name(md)).collect::<Vec<_>>(),
                 "warmup": a.warmup,
                 "iters": a.iters,
                 "segments": m.segments,

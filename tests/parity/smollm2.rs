@@ -7,9 +7,9 @@
 //! Tolerances: logits within 1e-3 (|logit| ~ 20; our f32 against the reference's f64, the
 //! reference's own f32 run differs by 4e-5), greedy ids equal, mean NLL within 1e-4.
 //! The model file comes from `cargo xtask fetch-models` (see `common::real_model`).
+//! A module of the `parity` test binary (one build of the model's code for both).
 
-mod common;
-
+use super::common;
 use burn::prelude::*;
 use common::B;
 use hici::io::{load_gguf, GgufFile, LoadOptions};
