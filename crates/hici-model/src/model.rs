@@ -112,14 +112,10 @@ impl<B: Backend> HiciLlama<B> {
         }
         let norm = RmsNorm::load(src, "model.norm.weight", h, l.rms_norm_eps, device)?;
         let lm_head = if l.tie_word_embeddings {
+            // the embedding as a contiguous `[H, V]` weight (a transposed view of the `[V, H]`
+            // embedding would make every logits product walk it with a stride of V)
             Linear {
-                weight: Param::from_tensor(
-                    Tensor::<B, 2>::from_data(
-                        TensorData::new(embed.data.clone(), embed.shape.clone()),
-                        device,
-                    )
-                    .transpose(),
-                ),
+                weight: to_param::<B, 2>(crate::tensor_util::transpose_host(&embed), device),
             }
         } else {
             Linear::load(src, "lm_head.weight", h, v, device)?
