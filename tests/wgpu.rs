@@ -231,3 +231,22 @@ fn cli_f16_on_wgpu_decodes_within_tolerance_without_fusion() {
         "bf16",
     );
 }
+
+/// Without a usable adapter (`VK_ICD_FILENAMES` pointing nowhere hides every Vulkan driver),
+/// `--device wgpu` is a one-line error naming what was found, exit 1, no panic from burn's
+/// device thread.
+#[test]
+fn wgpu_without_an_adapter_is_a_clean_error() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hici"))
+        .args(["generate", "--device", "wgpu", "--prompt-ids", "1,2,3"])
+        .args(["--max-new-tokens", "2"])
+        .env("VK_ICD_FILENAMES", "/nonexistent")
+        .env("VK_DRIVER_FILES", "/nonexistent")
+        .output()
+        .unwrap();
+    assert_clean_error(&out, "no wgpu device");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("found"), "{err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

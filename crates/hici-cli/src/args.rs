@@ -1,8 +1,8 @@
 //! Options shared by every command.
 
-use crate::backend::DeviceChoice;
 use burn::tensor::DType;
 use clap::{Args, ValueEnum};
+use hici_engine::{AttentionChoice, DeviceChoice, Fusion, LoadSpec, ModeChoice};
 use hici_model::{AttentionKernel, AttentionMode, DecodeCache, LoraMode};
 use std::path::PathBuf;
 
@@ -146,65 +146,76 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// `--mode` for a model with (`has_hici`) or without HiCI modules: the default follows the
-    /// model; a HiCI mode on a plain model is an error.
-    pub fn resolve_mode(&self, has_hici: bool) -> anyhow::Result<AttentionMode> {
-        let mode = self.mode.unwrap_or(if has_hici {
-            ModeArg::Hici
-        } else {
-            ModeArg::Full
-        });
-        if !has_hici && mode != ModeArg::Full {
-            anyhow::bail!(
-                "--mode {} needs HiCI modules, but this model has none (a plain Llama runs \
-                 --mode full)",
-                mode.to_possible_value()
-                    .map_or("?".into(), |v| v.get_name().to_string())
-            );
+    /// The engine's load spec these flags describe (the one translation of model flags).
+    pub fn spec(&self) -> LoadSpec {
+        LoadSpec {
+            model: self.model.clone(),
+            base: self.base.clone(),
+            adapter: self.adapter.clone(),
+            tokenizer: self.tokenizer.clone(),
+            device: self.device,
+            dtype: self.dtype.dtype(),
+            fusion: match self.fusion {
+                FusionArg::Auto => Fusion::Auto,
+                FusionArg::On => Fusion::On,
+                FusionArg::Off => Fusion::Off,
+            },
+            mode: self.mode.map(|m| Self::mode_choice(m, self.segments)),
+            decode_cache: match self.decode_cache {
+                DecodeCacheArg::Slots => DecodeCache::Slots,
+                DecodeCacheArg::Tokens => DecodeCache::Tokens,
+                DecodeCacheArg::Reference => DecodeCache::ReferenceScrambled,
+            },
+            hici_heads: self.hici_heads,
+            rope_scale: self.rope_scale,
+            context_size: self.context_size,
+            attention: match self.attention {
+                AttentionArg::Auto => AttentionChoice::Auto,
+                AttentionArg::Exact => AttentionChoice::Exact,
+                AttentionArg::Flash => AttentionChoice::Flash,
+            },
+            lora: match self.lora {
+                LoraArg::Merged => LoraMode::Merged,
+                LoraArg::Unmerged => LoraMode::Unmerged,
+            },
+            progress: true,
         }
-        Ok(Self::mode_value(mode, self.segments))
+    }
+
+    /// The engine's mode choice for `--mode` (with `--segments`).
+    pub fn mode_choice(mode: ModeArg, segments: usize) -> ModeChoice {
+        match mode {
+            ModeArg::Full => ModeChoice::Full,
+            ModeArg::Hici => ModeChoice::Hici,
+            ModeArg::HiciSegmented => ModeChoice::HiciSegmented(segments),
+            ModeArg::HiciSft => ModeChoice::HiciSft,
+        }
+    }
+
+    /// `--mode` resolved against a model with (`has_hici`) or without HiCI modules.
+    pub fn resolve_mode(&self, has_hici: bool) -> anyhow::Result<AttentionMode> {
+        self.spec().resolve_mode(has_hici)
     }
 
     /// The typed attention mode of `mode`.
     pub fn mode_value(mode: ModeArg, segments: usize) -> AttentionMode {
-        match mode {
-            ModeArg::Full => AttentionMode::Full,
-            ModeArg::Hici => AttentionMode::Inference,
-            ModeArg::HiciSegmented => AttentionMode::Segmented { segments },
-            ModeArg::HiciSft => AttentionMode::SftSegmented,
-        }
+        Self::mode_choice(mode, segments).mode()
     }
 
     pub fn decode_cache(&self) -> DecodeCache {
-        match self.decode_cache {
-            DecodeCacheArg::Slots => DecodeCache::Slots,
-            DecodeCacheArg::Tokens => DecodeCache::Tokens,
-            DecodeCacheArg::Reference => DecodeCache::ReferenceScrambled,
-        }
+        self.spec().decode_cache
     }
 
     pub fn attention_kernel(&self) -> AttentionKernel {
-        match (self.attention, self.device) {
-            (AttentionArg::Exact, _) => AttentionKernel::Exact,
-            (AttentionArg::Flash, _) => AttentionKernel::Flash,
-            (AttentionArg::Auto, DeviceChoice::Cuda(_)) => AttentionKernel::Flash,
-            (AttentionArg::Auto, _) => AttentionKernel::Exact,
-        }
+        self.spec().attention_kernel()
     }
 
     /// Whether the GPU backend runs with burn's fusion layer.
     pub fn fused(&self) -> bool {
-        match self.fusion {
-            FusionArg::On => true,
-            FusionArg::Off => false,
-            FusionArg::Auto => self.dtype == DtypeArg::F32,
-        }
+        self.spec().fused()
     }
 
     pub fn lora_mode(&self) -> LoraMode {
-        match self.lora {
-            LoraArg::Merged => LoraMode::Merged,
-            LoraArg::Unmerged => LoraMode::Unmerged,
-        }
+        self.spec().lora
     }
 }

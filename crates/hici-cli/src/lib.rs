@@ -2,38 +2,18 @@
 //! long-context models. The binary itself is the root package's `src/main.rs`.
 
 pub mod args;
-pub mod backend;
 mod cmd;
-pub mod embedded;
-pub mod load;
+
+pub use hici_engine::device as backend;
+pub use hici_engine::{embedded, load};
 
 use anyhow::Result;
 use args::ModelArgs;
 use clap::{Parser, Subcommand};
+use hici_engine::{with_backend, CancelToken};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-
-/// Set by Ctrl-C; long loops poll it and stop cleanly.
-pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-static PRESSES: AtomicUsize = AtomicUsize::new(0);
-
-/// Whether the user pressed Ctrl-C.
-pub fn interrupted() -> bool {
-    INTERRUPTED.load(Ordering::SeqCst)
-}
-
-/// Partial files (e.g. `hici import`'s temporary output) to delete when a second Ctrl-C exits
-/// at once, without unwinding.
-pub static REMOVE_ON_EXIT: std::sync::Mutex<Vec<std::path::PathBuf>> =
-    std::sync::Mutex::new(Vec::new());
-
-fn remove_on_exit_files() {
-    if let Ok(files) = REMOVE_ON_EXIT.lock() {
-        for f in files.iter() {
-            let _ = std::fs::remove_file(f);
-        }
-    }
-}
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -73,6 +53,8 @@ enum Command {
     Parity(cmd::parity::ParityArgs),
     /// List the compiled-in backends and the devices found.
     Devices,
+    /// OpenAI-compatible HTTP server (chat/completions, completions, models, health, metrics).
+    Serve(cmd::serve::ServeArgs),
 }
 
 /// Parses the command line, runs the command and maps the outcome to an exit code
@@ -81,20 +63,27 @@ pub fn main_entry() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HICI_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,hici_server=info")),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let _ = ctrlc::set_handler(|| {
-        INTERRUPTED.store(true, Ordering::SeqCst);
-        if PRESSES.fetch_add(1, Ordering::SeqCst) >= 1 {
-            remove_on_exit_files();
-            eprintln!("\ninterrupted");
-            std::process::exit(130);
-        }
-    });
-    match run(cli) {
+    let cancel = CancelToken::new();
+    // `hici serve` handles its own signals (graceful shutdown); every other command stops at
+    // the first Ctrl-C / SIGTERM and exits at once on the second, removing partial files
+    if !matches!(cli.command, Command::Serve(_)) {
+        let (token, presses) = (cancel.clone(), Arc::new(AtomicUsize::new(0)));
+        let _ = ctrlc::set_handler(move || {
+            token.cancel();
+            if presses.fetch_add(1, Ordering::SeqCst) >= 1 {
+                token.remove_partial_files();
+                eprintln!("\ninterrupted");
+                std::process::exit(130);
+            }
+        });
+    }
+    let interrupted = || cancel.is_cancelled();
+    match run(cli, &cancel) {
         Ok(()) if interrupted() => {
             eprintln!("interrupted");
             ExitCode::from(130)
@@ -111,24 +100,26 @@ pub fn main_entry() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, cancel: &CancelToken) -> Result<()> {
     let m = &cli.model;
-    if let Command::Devices = cli.command {
-        return cmd::devices::run(m);
-    }
-    if let Command::Import(a) = &cli.command {
-        return cmd::import::run(m, a);
+    match &cli.command {
+        Command::Devices => return cmd::devices::run(m),
+        Command::Import(a) => return cmd::import::run(m, a, cancel),
+        Command::Serve(a) => return cmd::serve::run(m, a),
+        _ => {}
     }
     backend::check_available(m.device)?;
-    load::check_fusion(m)?;
+    load::check_fusion(&m.spec())?;
     with_backend!(m.device, m.fused(), |B, dev| match &cli.command {
-        Command::Generate(a) => cmd::generate::run::<B>(m, a, &dev),
-        Command::Chat(a) => cmd::chat::run::<B>(m, a, &dev),
-        Command::Perplexity(a) => cmd::perplexity::run::<B>(m, a, &dev),
-        Command::Passkey(a) => cmd::passkey::run::<B>(m, a, &dev),
-        Command::Inspect(a) => cmd::inspect::run::<B>(m, a, &dev),
-        Command::Bench(a) => cmd::bench::run::<B>(m, a, &dev),
-        Command::Parity(a) => cmd::parity::run::<B>(m, a, &dev),
-        Command::Devices | Command::Import(_) => unreachable!("handled above"),
+        Command::Generate(a) => cmd::generate::run::<B>(m, a, &dev, cancel),
+        Command::Chat(a) => cmd::chat::run::<B>(m, a, &dev, cancel),
+        Command::Perplexity(a) => cmd::perplexity::run::<B>(m, a, &dev, cancel),
+        Command::Passkey(a) => cmd::passkey::run::<B>(m, a, &dev, cancel),
+        Command::Inspect(a) => cmd::inspect::run::<B>(m, a, &dev, cancel),
+        Command::Bench(a) => cmd::bench::run::<B>(m, a, &dev, cancel),
+        Command::Parity(a) => cmd::parity::run::<B>(m, a, &dev, cancel),
+        Command::Devices | Command::Import(_) | Command::Serve(_) => {
+            unreachable!("handled above")
+        }
     })
 }

@@ -127,7 +127,7 @@ pub fn generate<B: Backend>(
             stop = StopReason::Interrupted;
             break;
         }
-        let next = sampler.sample(&row, &history);
+        let next = sampler.sample(&row, &history, generated.len());
         if step == 0 {
             ttft = t0.elapsed().as_secs_f64();
         }

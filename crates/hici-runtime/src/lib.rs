@@ -2,6 +2,7 @@
 //! sampling, the generation loop with streaming detokenization, and the perplexity and passkey
 //! evaluation drivers.
 
+pub mod cancel;
 pub mod error;
 pub mod generate;
 pub mod gguf_tokenizer;
@@ -11,4 +12,5 @@ pub mod sampler;
 pub mod template;
 pub mod tokenizer;
 
+pub use cancel::{CancelOnDrop, CancelToken};
 pub use error::RuntimeError;

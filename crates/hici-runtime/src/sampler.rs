@@ -15,8 +15,14 @@ pub struct SamplingConfig {
     pub top_k: usize,
     /// Keep the smallest set whose probability reaches `p` (1.0 = off).
     pub top_p: f32,
-    /// CTRL-style penalty on tokens already seen (1.0 = off).
+    /// CTRL-style penalty on tokens already seen, prompt included (1.0 = off).
     pub repeat_penalty: f32,
+    /// OpenAI's presence penalty: subtracted once from the logit of every token already
+    /// generated (0 = off; the prompt does not count).
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty: subtracted from a token's logit once per time it was
+    /// generated (0 = off).
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
@@ -28,6 +34,8 @@ impl Default for SamplingConfig {
             top_k: 0,
             top_p: 1.0,
             repeat_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -45,9 +53,21 @@ impl Sampler {
         Self { cfg, rng }
     }
 
-    /// Picks the next id from one logits row `[V]`; `history` gets the repeat penalty.
-    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+    /// Picks the next id from one logits row `[V]`; `history` (prompt and generated ids) gets
+    /// the repeat penalty, its last `generated` ids the presence and frequency penalties.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32], generated: usize) -> u32 {
         let mut l = logits.to_vec();
+        if self.cfg.presence_penalty != 0.0 || self.cfg.frequency_penalty != 0.0 {
+            let mut counts = std::collections::HashMap::<u32, u32>::new();
+            for &id in &history[history.len().saturating_sub(generated)..] {
+                *counts.entry(id).or_default() += 1;
+            }
+            for (id, c) in counts {
+                if let Some(x) = l.get_mut(id as usize) {
+                    *x -= self.cfg.presence_penalty + self.cfg.frequency_penalty * c as f32;
+                }
+            }
+        }
         if self.cfg.repeat_penalty != 1.0 {
             let p = self.cfg.repeat_penalty;
             for &id in history {
@@ -107,4 +127,29 @@ pub fn argmax(row: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presence_and_frequency_penalties_count_generated_tokens_only() {
+        let cfg = SamplingConfig {
+            presence_penalty: 0.5,
+            frequency_penalty: 1.0,
+            ..SamplingConfig::default()
+        };
+        // token 0 leads by 2.0; generated twice it loses 0.5 + 2 * 1.0 = 2.5 and token 1 wins
+        let row = [3.0, 1.0, 0.0];
+        assert_eq!(Sampler::new(cfg.clone()).sample(&row, &[0, 0], 2), 1);
+        // once: loses 1.5, still ahead
+        assert_eq!(Sampler::new(cfg.clone()).sample(&row, &[0, 0], 1), 0);
+        // in the prompt only: no penalty
+        assert_eq!(Sampler::new(cfg).sample(&row, &[0, 0, 0], 0), 0);
+        assert_eq!(
+            Sampler::new(SamplingConfig::default()).sample(&row, &[0], 1),
+            0
+        );
+    }
 }

@@ -21,6 +21,7 @@ use anyhow::{bail, Context, Result};
 use burn::module::Module;
 use burn::prelude::*;
 use clap::{Args, ValueEnum};
+use hici_engine::CancelToken;
 use hici_model::hici::{segment_count, SegmentRule};
 use hici_model::synthetic::{SyntheticWeights, XorShift};
 use hici_model::{
@@ -279,6 +280,7 @@ fn run_once<B: Backend>(
     m: &ModelArgs,
     rng: &mut XorShift,
     device: &B::Device,
+    cancel: &CancelToken,
 ) -> Result<Sample> {
     let vocab = model.vocab_size();
     let prompt = random_ids(rng, r.prompt, vocab);
@@ -311,7 +313,7 @@ fn run_once<B: Backend>(
     // as `generate` does: one reservation, so no timed step reallocates the cache
     cache.reserve(r.depth + r.gen);
     let mut left = r.depth;
-    while left > 0 && !crate::interrupted() {
+    while left > 0 && !cancel.is_cancelled() {
         let n = left.min(DEPTH_CHUNK);
         let chunk = random_ids(rng, n, vocab);
         let logits = model.decode_tokens(&chunk, &mut cache)?;
@@ -320,7 +322,7 @@ fn run_once<B: Backend>(
     }
     let t1 = Instant::now();
     for _ in 0..r.gen {
-        if crate::interrupted() {
+        if cancel.is_cancelled() {
             break;
         }
         let logits = model.decode_tokens(&[next], &mut cache)?;
@@ -507,7 +509,12 @@ fn print_table(rows: &[Value]) {
     }
 }
 
-pub fn run<B: Backend>(m: &ModelArgs, a: &BenchArgs, dev: &B::Device) -> Result<()> {
+pub fn run<B: Backend>(
+    m: &ModelArgs,
+    a: &BenchArgs,
+    dev: &B::Device,
+    cancel: &CancelToken,
+) -> Result<()> {
     if a.prompt_len.is_empty() || a.prompt_len.contains(&0) {
         bail!("--prompt-len needs lengths > 0");
     }
@@ -547,7 +554,7 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &BenchArgs, dev: &B::Device) -> Result<
             // the same precision and attention kernel steps as `crate::load::load`
             let model = crate::load::prepare(
                 synthetic_model::<B>(&cfg, a.seed, dev)?,
-                m,
+                &m.spec(),
                 m.attention_kernel(),
             )?;
             let l = &cfg.llama;
@@ -555,7 +562,7 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &BenchArgs, dev: &B::Device) -> Result<
             (model, format!("synthetic:{spec}"), ctx)
         }
         None => {
-            let loaded = crate::load::load::<B>(m, dev)?;
+            let loaded = crate::load::load::<B>(&m.spec(), dev)?;
             let src = match (&m.model, &m.base) {
                 (Some(f), _) => f.display().to_string(),
                 (None, Some(b)) => b.display().to_string(),
@@ -631,17 +638,17 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &BenchArgs, dev: &B::Device) -> Result<
             let mut rng = XorShift::new(a.seed ^ (p as u64).wrapping_mul(0x51ed_270b));
             let mut samples = Vec::new();
             for it in 0..a.warmup + a.iters {
-                if crate::interrupted() {
+                if cancel.is_cancelled() {
                     interrupted = true;
                     break;
                 }
-                let s = run_once(&model, &spec, m, &mut rng, dev)
+                let s = run_once(&model, &spec, m, &mut rng, dev, cancel)
                     .with_context(|| format!("{name}, prompt {p}"))?;
                 if it >= a.warmup {
                     samples.push(s);
                 }
             }
-            if crate::interrupted() {
+            if cancel.is_cancelled() {
                 interrupted = true;
             }
             if samples.is_empty() {

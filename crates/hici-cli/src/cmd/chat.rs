@@ -7,6 +7,7 @@ use crate::load::load;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use clap::Args;
+use hici_engine::CancelToken;
 use hici_runtime::generate::{generate, GenerateOptions};
 use std::io::{BufRead, Write};
 
@@ -25,9 +26,14 @@ pub struct ChatArgs {
     pub sampling: SamplingArgs,
 }
 
-pub fn run<B: Backend>(m: &ModelArgs, a: &ChatArgs, dev: &B::Device) -> Result<()> {
+pub fn run<B: Backend>(
+    m: &ModelArgs,
+    a: &ChatArgs,
+    dev: &B::Device,
+    cancel: &CancelToken,
+) -> Result<()> {
     a.sampling.validate()?;
-    let loaded = load::<B>(m, dev)?;
+    let loaded = load::<B>(&m.spec(), dev)?;
     let tok = loaded
         .tokenizer
         .as_ref()
@@ -41,7 +47,7 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &ChatArgs, dev: &B::Device) -> Result<(
             eprint!("> ");
         }
         let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 || crate::interrupted() {
+        if stdin.lock().read_line(&mut line)? == 0 || cancel.is_cancelled() {
             break;
         }
         let line = line.trim_end_matches(['\n', '\r']).to_string();
@@ -82,19 +88,14 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &ChatArgs, dev: &B::Device) -> Result<(
                 let _ = out.flush();
             }
         };
-        let res = generate(
-            &loaded.model,
-            &ids,
-            &opts,
-            Some(tok),
-            &mut on_text,
-            &crate::interrupted,
-        )?;
+        let res = generate(&loaded.model, &ids, &opts, Some(tok), &mut on_text, &|| {
+            cancel.is_cancelled()
+        })?;
         report(&res, json)?;
         if let Some(last) = turns.last_mut() {
             last.1 = Some(res.text.clone());
         }
-        if crate::interrupted() {
+        if cancel.is_cancelled() {
             break;
         }
     }

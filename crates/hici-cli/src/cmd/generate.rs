@@ -5,6 +5,7 @@ use crate::load::load;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use clap::{Args, ValueEnum};
+use hici_engine::CancelToken;
 use hici_runtime::generate::{generate, truncate_middle, GenerateOptions, GenerateOutput};
 use hici_runtime::sampler::SamplingConfig;
 use std::io::Write;
@@ -94,6 +95,7 @@ impl SamplingArgs {
             top_p: self.top_p,
             repeat_penalty: self.repeat_penalty,
             seed: self.seed,
+            ..SamplingConfig::default()
         }
     }
 }
@@ -126,13 +128,18 @@ pub struct GenerateArgs {
     pub sampling: SamplingArgs,
 }
 
-pub fn run<B: Backend>(m: &ModelArgs, a: &GenerateArgs, dev: &B::Device) -> Result<()> {
+pub fn run<B: Backend>(
+    m: &ModelArgs,
+    a: &GenerateArgs,
+    dev: &B::Device,
+    cancel: &CancelToken,
+) -> Result<()> {
     a.sampling.validate()?;
     if a.prompt.is_none() && a.prompt_file.is_none() && a.prompt_ids.is_none() {
         bail!("give a prompt: --prompt TEXT, --prompt-file FILE or --prompt-ids 1,2,3");
     }
-    let loaded = load::<B>(m, dev)?;
-    let tok = loaded.tokenizer.as_ref();
+    let loaded = load::<B>(&m.spec(), dev)?;
+    let tok = loaded.tokenizer.as_deref();
     let mut ids: Vec<u32> = if let Some(list) = &a.prompt_ids {
         if a.chat {
             bail!("--chat needs a text prompt, not --prompt-ids");
@@ -217,14 +224,9 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &GenerateArgs, dev: &B::Device) -> Resu
             let _ = out.flush();
         }
     };
-    let res = generate(
-        &loaded.model,
-        &ids,
-        &opts,
-        tok,
-        &mut on_text,
-        &crate::interrupted,
-    )?;
+    let res = generate(&loaded.model, &ids, &opts, tok, &mut on_text, &|| {
+        cancel.is_cancelled()
+    })?;
     report(&res, json)?;
     Ok(())
 }

@@ -5,6 +5,7 @@ use crate::args::{DtypeArg, ModelArgs};
 use crate::load::{model_source, tokenizer_in_dirs, ModelSource};
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use hici_engine::CancelToken;
 use hici_io::{plan_checkpoint, write_converted, ConvertOptions, ConvertProgress, StoreDtype};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -30,6 +31,7 @@ pub struct ImportArgs {
 /// One progress bar per tensor group on stderr (hidden when stderr is not a terminal).
 struct Bars {
     quiet: bool,
+    cancel: CancelToken,
     bar: Option<ProgressBar>,
     temp: Option<PathBuf>,
 }
@@ -67,13 +69,11 @@ impl ConvertProgress for Bars {
 
     fn temp_file(&mut self, path: &Path) {
         self.temp = Some(path.to_path_buf());
-        if let Ok(mut v) = crate::REMOVE_ON_EXIT.lock() {
-            v.push(path.to_path_buf());
-        }
+        self.cancel.track_partial_file(path);
     }
 
     fn cancelled(&self) -> bool {
-        crate::interrupted()
+        self.cancel.is_cancelled()
     }
 }
 
@@ -82,14 +82,14 @@ impl Drop for Bars {
         if let Some(pb) = self.bar.take() {
             pb.abandon();
         }
-        if let (Some(t), Ok(mut v)) = (&self.temp, crate::REMOVE_ON_EXIT.lock()) {
-            v.retain(|p| p != t);
+        if let Some(t) = &self.temp {
+            self.cancel.untrack_partial_file(t);
         }
     }
 }
 
-pub fn run(m: &ModelArgs, a: &ImportArgs) -> Result<()> {
-    let (base, adapter, opts, embedded) = match model_source(m)? {
+pub fn run(m: &ModelArgs, a: &ImportArgs, cancel: &CancelToken) -> Result<()> {
+    let (base, adapter, opts, embedded) = match model_source(&m.spec())? {
         ModelSource::Dirs {
             base,
             adapter,
@@ -136,6 +136,7 @@ pub fn run(m: &ModelArgs, a: &ImportArgs) -> Result<()> {
         tokenizer_json,
     };
     let mut bars = Bars {
+        cancel: cancel.clone(),
         quiet: m.json,
         bar: None,
         temp: None,

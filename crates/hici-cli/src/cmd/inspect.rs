@@ -6,6 +6,7 @@ use crate::load::{load, model_source, ModelSource};
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use clap::Args;
+use hici_engine::CancelToken;
 use hici_io::validate::{validate_converted, validate_dirs, KeyStatus, Validation};
 use hici_io::ParamCounts;
 use hici_model::to_vec_f32;
@@ -127,7 +128,7 @@ fn run_gguf<B: Backend>(
     let mut load_error = None;
     if !a.no_load {
         let t0 = std::time::Instant::now();
-        match load::<B>(m, dev) {
+        match load::<B>(&m.spec(), dev) {
             Ok(loaded) => {
                 doc["load_seconds"] = t0.elapsed().as_secs_f64().into();
                 doc["logits_checksum"] = checksum(m, &loaded.model, dev)?;
@@ -229,8 +230,13 @@ fn run_gguf<B: Backend>(
     Ok(())
 }
 
-pub fn run<B: Backend>(m: &ModelArgs, a: &InspectArgs, dev: &B::Device) -> Result<()> {
-    let validation = match model_source(m)? {
+pub fn run<B: Backend>(
+    m: &ModelArgs,
+    a: &InspectArgs,
+    dev: &B::Device,
+    _cancel: &CancelToken,
+) -> Result<()> {
+    let validation = match model_source(&m.spec())? {
         ModelSource::Gguf(p) => return run_gguf::<B>(m, &p, a, dev),
         ModelSource::Dirs {
             base,
@@ -248,7 +254,7 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &InspectArgs, dev: &B::Device) -> Resul
     let mut load_error = None;
     if valid && !a.no_load {
         let t0 = std::time::Instant::now();
-        match load::<B>(m, dev) {
+        match load::<B>(&m.spec(), dev) {
             Ok(loaded) => {
                 let load_seconds = t0.elapsed().as_secs_f64();
                 let sum = checksum(m, &loaded.model, dev)?;

@@ -9,3 +9,4 @@ pub mod inspect;
 pub mod parity;
 pub mod passkey;
 pub mod perplexity;
+pub mod serve;

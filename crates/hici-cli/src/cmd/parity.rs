@@ -7,6 +7,7 @@ use crate::backend::DeviceChoice;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use clap::Args;
+use hici_engine::CancelToken;
 use hici_io::{load_checkpoint, LoadOptions};
 use hici_model::{
     to_vec_f32, AttentionKernel, AttentionMode, DecodeCache, HiciLlama, Logits, LoraMode,
@@ -148,7 +149,12 @@ fn argmax_mismatches(got: &[i64], want: &[i64], want_logits: &[f32], tol: f32) -
     (bad, unexplained)
 }
 
-pub fn run<B: Backend>(m: &ModelArgs, a: &ParityArgs, dev: &B::Device) -> Result<()> {
+pub fn run<B: Backend>(
+    m: &ModelArgs,
+    a: &ParityArgs,
+    dev: &B::Device,
+    _cancel: &CancelToken,
+) -> Result<()> {
     let fx = &a.fixture;
     let kernel = match m.attention {
         AttentionArg::Flash => AttentionKernel::Flash,
@@ -226,7 +232,7 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &ParityArgs, dev: &B::Device) -> Result
         let mut w = ck.weights.clone();
         let model = crate::load::prepare(
             HiciLlama::<B>::from_weights(&ck.config, ck.lora, lora, &mut w, dev)?,
-            m,
+            &m.spec(),
             kernel,
         )?;
         let tag = format!("{lora:?}").to_lowercase();

@@ -6,6 +6,7 @@ use crate::load::load;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use clap::Args;
+use hici_engine::CancelToken;
 use hici_runtime::generate::{generate, GenerateOptions};
 use hici_runtime::passkey::{build_case, score, test_points, PasskeyResult};
 
@@ -34,7 +35,12 @@ pub struct PasskeyArgs {
     pub sampling: SamplingArgs,
 }
 
-pub fn run<B: Backend>(m: &ModelArgs, a: &PasskeyArgs, dev: &B::Device) -> Result<()> {
+pub fn run<B: Backend>(
+    m: &ModelArgs,
+    a: &PasskeyArgs,
+    dev: &B::Device,
+    cancel: &CancelToken,
+) -> Result<()> {
     let points = match (&a.lengths, a.max_tokens, a.interval) {
         (Some(l), _, _) => l.clone(),
         (None, Some(mx), Some(iv)) => {
@@ -48,7 +54,7 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &PasskeyArgs, dev: &B::Device) -> Resul
     if points.is_empty() || a.trials == 0 {
         bail!("nothing to run: no test points or --trials 0");
     }
-    let loaded = load::<B>(m, dev)?;
+    let loaded = load::<B>(&m.spec(), dev)?;
     let tok = loaded
         .tokenizer
         .as_ref()
@@ -58,7 +64,7 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &PasskeyArgs, dev: &B::Device) -> Resul
         let mut lens = Vec::new();
         let mut correct = 0;
         for trial in 0..a.trials {
-            if crate::interrupted() {
+            if cancel.is_cancelled() {
                 return Ok(());
             }
             let case = build_case(target, trial)?;
@@ -80,14 +86,9 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &PasskeyArgs, dev: &B::Device) -> Resul
                 decode_cache: m.decode_cache(),
                 max_context: prompt.len() + answer.len(),
             };
-            let out = generate(
-                &loaded.model,
-                &prompt,
-                &opts,
-                None,
-                &mut |_| {},
-                &crate::interrupted,
-            )?;
+            let out = generate(&loaded.model, &prompt, &opts, None, &mut |_| {}, &|| {
+                cancel.is_cancelled()
+            })?;
             let ok = score(&answer, &out.generated_ids);
             correct += ok as usize;
             lens.push(prompt.len());

@@ -5,6 +5,7 @@ use crate::load::load;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use clap::{Args, ValueEnum};
+use hici_engine::CancelToken;
 use hici_runtime::perplexity::{evaluate, read_token_file, PplOptions, TokenWidth};
 use hici_runtime::RuntimeError;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -47,7 +48,12 @@ pub struct PerplexityArgs {
     pub max_windows: Option<usize>,
 }
 
-pub fn run<B: Backend>(m: &ModelArgs, a: &PerplexityArgs, dev: &B::Device) -> Result<()> {
+pub fn run<B: Backend>(
+    m: &ModelArgs,
+    a: &PerplexityArgs,
+    dev: &B::Device,
+    cancel: &CancelToken,
+) -> Result<()> {
     let tokens = match (&a.tokens, &a.text) {
         (Some(p), _) => {
             let w = match a.token_width {
@@ -59,7 +65,7 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &PerplexityArgs, dev: &B::Device) -> Re
         (None, Some(_)) => None,
         (None, None) => bail!("give --tokens FILE.bin or --text FILE"),
     };
-    let loaded = load::<B>(m, dev)?;
+    let loaded = load::<B>(&m.spec(), dev)?;
     let tokens = match tokens {
         Some(t) => t,
         None => {
@@ -88,14 +94,9 @@ pub fn run<B: Backend>(m: &ModelArgs, a: &PerplexityArgs, dev: &B::Device) -> Re
         pb.set_length(total as u64);
         pb.set_position(done as u64);
     };
-    let res = evaluate(
-        &loaded.model,
-        dev,
-        &tokens,
-        &opts,
-        &mut on_window,
-        &crate::interrupted,
-    );
+    let res = evaluate(&loaded.model, dev, &tokens, &opts, &mut on_window, &|| {
+        cancel.is_cancelled()
+    });
     pb.finish_and_clear();
     let res = match res {
         Err(RuntimeError::Interrupted) => return Ok(()),

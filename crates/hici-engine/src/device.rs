@@ -1,13 +1,15 @@
-//! Device selection: only the backends compiled in are offered.
+//! Device selection: only the backends compiled in are offered, and the macro that binds a
+//! backend type to a [`DeviceChoice`] at run time.
 
 use anyhow::Result;
 use std::fmt;
 use std::str::FromStr;
 
-/// A `--device` value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A device to run on (`ndarray`/`cpu`, `wgpu`, `cuda[:N]` as text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceChoice {
     /// CPU through burn-ndarray (always compiled by default).
+    #[default]
     Ndarray,
     /// wgpu (Vulkan / Metal / DX12), default adapter.
     Wgpu,
@@ -95,9 +97,47 @@ pub fn quiet_catch<T>(f: impl FnOnce() -> T) -> Option<T> {
     r.ok()
 }
 
-/// Checks a CUDA choice before any burn call touches the device.
+/// Checks that wgpu finds an adapter of the graphics API burn's wgpu backend uses here (burn
+/// panics in its device thread otherwise), naming what it found instead.
+#[cfg(feature = "wgpu")]
+pub fn check_wgpu() -> Result<()> {
+    use burn::backend::wgpu::graphics::{AutoGraphicsApi, GraphicsApi};
+    let api = AutoGraphicsApi::backend();
+    let probe = || {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+            .iter()
+            .map(|a| a.get_info())
+            .collect::<Vec<_>>()
+    };
+    let Some(infos) = quiet_catch(probe) else {
+        anyhow::bail!("no wgpu device: wgpu failed while enumerating adapters");
+    };
+    if infos.iter().any(|i| i.backend == api) {
+        return Ok(());
+    }
+    let found = if infos.is_empty() {
+        "none".to_string()
+    } else {
+        infos
+            .iter()
+            .map(|i| format!("{} ({:?})", i.name, i.backend))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    anyhow::bail!(
+        "no wgpu device: burn's wgpu backend needs a {api:?} adapter here, found {found} (on \
+         Linux without a GPU install mesa-vulkan-drivers for lavapipe; `hici devices` lists \
+         adapters)"
+    )
+}
+
+/// Checks a wgpu or CUDA choice before any burn call touches the device.
 pub fn check_available(choice: DeviceChoice) -> Result<()> {
     match choice {
+        #[cfg(feature = "wgpu")]
+        DeviceChoice::Wgpu => check_wgpu(),
         #[cfg(feature = "cuda")]
         DeviceChoice::Cuda(i) => {
             let n = cuda_device_count()?;
@@ -118,19 +158,19 @@ macro_rules! with_backend {
     ($choice:expr, $fused:expr, |$B:ident, $dev:ident| $body:expr) => {{
         match ($choice, $fused) {
             #[cfg(feature = "ndarray")]
-            ($crate::backend::DeviceChoice::Ndarray, _) => {
+            ($crate::device::DeviceChoice::Ndarray, _) => {
                 type $B = burn::backend::NdArray<f32>;
                 let $dev = burn::backend::ndarray::NdArrayDevice::Cpu;
                 $body
             }
             #[cfg(feature = "wgpu")]
-            ($crate::backend::DeviceChoice::Wgpu, true) => {
+            ($crate::device::DeviceChoice::Wgpu, true) => {
                 type $B = burn::backend::Wgpu<f32, i32>;
                 let $dev = burn::backend::wgpu::WgpuDevice::DefaultDevice;
                 $body
             }
             #[cfg(feature = "wgpu")]
-            ($crate::backend::DeviceChoice::Wgpu, false) => {
+            ($crate::device::DeviceChoice::Wgpu, false) => {
                 type $B = burn::backend::wgpu::CubeBackend<
                     burn::backend::wgpu::WgpuRuntime,
                     f32,
@@ -141,13 +181,13 @@ macro_rules! with_backend {
                 $body
             }
             #[cfg(feature = "cuda")]
-            ($crate::backend::DeviceChoice::Cuda(i), true) => {
+            ($crate::device::DeviceChoice::Cuda(i), true) => {
                 type $B = burn::backend::Cuda<f32, i32>;
                 let $dev = burn::backend::cuda::CudaDevice::new(i);
                 $body
             }
             #[cfg(feature = "cuda")]
-            ($crate::backend::DeviceChoice::Cuda(i), false) => {
+            ($crate::device::DeviceChoice::Cuda(i), false) => {
                 type $B = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
                 let $dev = burn::backend::cuda::CudaDevice::new(i);
                 $body

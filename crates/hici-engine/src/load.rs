@@ -1,38 +1,226 @@
-//! Loading a model for a command: directories or the embedded default, with progress.
+//! Loading a model: HF directories, a converted file, a GGUF file or the embedded default,
+//! described by a plain [`LoadSpec`], with progress on stderr.
 
-use crate::args::{DtypeArg, ModelArgs};
+use crate::device::DeviceChoice;
 use crate::embedded;
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
+use burn::tensor::DType;
 use hici_io::{
     load_checkpoint, load_converted, load_gguf, Checkpoint, GgufSummary, GgufVocab, LoadOptions,
     LoadReport,
 };
-use hici_model::{AttentionKernel, AttentionMode, HiciLlama};
+use hici_model::{AttentionKernel, AttentionMode, DecodeCache, HiciLlama, LoraMode};
+use hici_runtime::generate::GenerateOptions;
+use hici_runtime::sampler::SamplingConfig;
 use hici_runtime::template::ChatFormat;
 use hici_runtime::tokenizer::HiciTokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+/// Which attention mode to run (the default follows the model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModeChoice {
+    /// Plain causal attention over all tokens, HiCI unused.
+    Full,
+    /// SFT inference (Mode I): the prompt is one segment; decoding sees `[G ; L ; tokens]`.
+    Hici,
+    /// Mode T with this many equal segments.
+    HiciSegmented(usize),
+    /// Mode T-SFT: segments by the SFT rule.
+    HiciSft,
+}
+
+impl ModeChoice {
+    /// The name users type (`full`, `hici`, `hici-segmented`, `hici-sft`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ModeChoice::Full => "full",
+            ModeChoice::Hici => "hici",
+            ModeChoice::HiciSegmented(_) => "hici-segmented",
+            ModeChoice::HiciSft => "hici-sft",
+        }
+    }
+
+    /// The model's attention mode.
+    pub fn mode(self) -> AttentionMode {
+        match self {
+            ModeChoice::Full => AttentionMode::Full,
+            ModeChoice::Hici => AttentionMode::Inference,
+            ModeChoice::HiciSegmented(segments) => AttentionMode::Segmented { segments },
+            ModeChoice::HiciSft => AttentionMode::SftSegmented,
+        }
+    }
+}
+
+/// burn's kernel-fusion layer on the GPU backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fusion {
+    /// On for f32; off for f16/bf16, whose decoding crashes burn 0.21's fusion engine.
+    Auto,
+    On,
+    Off,
+}
+
+/// Attention kernel choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionChoice {
+    /// `flash` on CUDA, `exact` elsewhere.
+    Auto,
+    Exact,
+    Flash,
+}
+
+/// Everything needed to load a model onto a device: what to read and how to run it. No
+/// command-line words: the CLI and the server both fill one in.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// A single-file model: GGUF (by magic or `.gguf`) or a file written by `hici import`.
+    pub model: Option<PathBuf>,
+    /// An HF Llama base directory (without it and `model`: the embedded tiny model).
+    pub base: Option<PathBuf>,
+    /// A HiCI adapter directory on top of `base`.
+    pub adapter: Option<PathBuf>,
+    /// A `tokenizer.json` overriding the model's own.
+    pub tokenizer: Option<PathBuf>,
+    pub device: DeviceChoice,
+    /// Weight and activation precision.
+    pub dtype: DType,
+    pub fusion: Fusion,
+    /// `None`: `hici` for a model with HiCI modules, `full` otherwise.
+    pub mode: Option<ModeChoice>,
+    pub decode_cache: DecodeCache,
+    /// HiCI LocalConstructor/GlobalIntegrator heads (not recoverable from the weights).
+    pub hici_heads: Option<usize>,
+    /// Linear RoPE factor override.
+    pub rope_scale: Option<f64>,
+    /// Intended context length for deriving the RoPE factor.
+    pub context_size: Option<usize>,
+    pub attention: AttentionChoice,
+    pub lora: LoraMode,
+    /// Show a spinner on stderr while loading.
+    pub progress: bool,
+}
+
+impl Default for LoadSpec {
+    fn default() -> Self {
+        Self {
+            model: None,
+            base: None,
+            adapter: None,
+            tokenizer: None,
+            device: DeviceChoice::default(),
+            dtype: DType::F32,
+            fusion: Fusion::Auto,
+            mode: None,
+            decode_cache: DecodeCache::Slots,
+            hici_heads: None,
+            rope_scale: None,
+            context_size: None,
+            attention: AttentionChoice::Auto,
+            lora: LoraMode::Merged,
+            progress: true,
+        }
+    }
+}
+
+/// The name of a dtype as users type it.
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "other",
+    }
+}
+
+impl LoadSpec {
+    /// The mode for a model with (`has_hici`) or without HiCI modules: the default follows the
+    /// model; a HiCI mode on a plain model is an error.
+    pub fn resolve_mode(&self, has_hici: bool) -> Result<AttentionMode> {
+        let mode = self.mode.unwrap_or(if has_hici {
+            ModeChoice::Hici
+        } else {
+            ModeChoice::Full
+        });
+        if !has_hici && mode != ModeChoice::Full {
+            bail!(
+                "mode {} needs HiCI modules, but this model has none (a plain Llama runs mode \
+                 full)",
+                mode.name()
+            );
+        }
+        Ok(mode.mode())
+    }
+
+    /// The kernel [`AttentionChoice::Auto`] stands for on this device.
+    pub fn attention_kernel(&self) -> AttentionKernel {
+        match (self.attention, self.device) {
+            (AttentionChoice::Exact, _) => AttentionKernel::Exact,
+            (AttentionChoice::Flash, _) => AttentionKernel::Flash,
+            (AttentionChoice::Auto, DeviceChoice::Cuda(_)) => AttentionKernel::Flash,
+            (AttentionChoice::Auto, _) => AttentionKernel::Exact,
+        }
+    }
+
+    /// Whether the GPU backend runs with burn's fusion layer.
+    pub fn fused(&self) -> bool {
+        match self.fusion {
+            Fusion::On => true,
+            Fusion::Off => false,
+            Fusion::Auto => self.dtype == DType::F32,
+        }
+    }
+}
 
 /// A model ready to run.
 pub struct Loaded<B: Backend> {
     pub model: HiciLlama<B>,
-    pub tokenizer: Option<HiciTokenizer>,
+    /// Shared so that request handlers can tokenize while the model runs elsewhere.
+    pub tokenizer: Option<Arc<HiciTokenizer>>,
     /// How chat prompts are built: the model's own template, else Llama-2's `[INST]`.
-    pub chat: ChatFormat,
+    pub chat: Arc<ChatFormat>,
     /// The model's own chat template source, when it has one.
     pub chat_template: Option<String>,
     /// The context: longest prompt + generation the model (and its RoPE setting) supports.
     pub max_context: usize,
-    /// The attention mode `--mode` asks for, resolved against the model (`full` for a model
+    /// The attention mode the spec asks for, resolved against the model (`full` for a model
     /// without HiCI modules, `hici` for one with them).
     pub mode: AttentionMode,
+    /// What a Mode-I prefill keeps in the decode cache.
+    pub decode_cache: DecodeCache,
     pub embedded: bool,
     /// Files read and the loader's notes (RoPE factor source, vocab resize, ...).
     pub report: LoadReport,
     /// What the GGUF header says, for a GGUF model.
     pub gguf: Option<GgufSummary>,
+}
+
+impl<B: Backend> Loaded<B> {
+    /// The ids that end a generation: the tokenizer's EOS / end-of-turn ids, else the config's
+    /// EOS.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        match &self.tokenizer {
+            Some(t) if !t.stop_ids.is_empty() => t.stop_ids.clone(),
+            _ => self.model.config().llama.eos_token_id.into_iter().collect(),
+        }
+    }
+
+    /// Generation options for this model: the model's mode, decode cache, stop ids and whole
+    /// context as the limit (callers may lower `max_context` and change the stops).
+    pub fn options(&self, max_new_tokens: usize, sampling: SamplingConfig) -> GenerateOptions {
+        GenerateOptions {
+            max_new_tokens,
+            sampling,
+            stop_ids: self.stop_ids(),
+            stop: Vec::new(),
+            mode: self.mode,
+            decode_cache: self.decode_cache,
+            max_context: self.max_context,
+        }
+    }
 }
 
 fn spinner(msg: &str, quiet: bool) -> ProgressBar {
@@ -47,18 +235,25 @@ fn spinner(msg: &str, quiet: bool) -> ProgressBar {
 }
 
 /// Loads the model named by `args` (or the embedded one) onto `device`.
-pub fn load<B: Backend>(args: &ModelArgs, device: &B::Device) -> Result<Loaded<B>> {
-    let pb = spinner("loading checkpoint", false);
+pub fn load<B: Backend>(args: &LoadSpec, device: &B::Device) -> Result<Loaded<B>> {
+    let pb = spinner("loading checkpoint", !args.progress);
     let src = read_checkpoint(args)?;
     let (ck, embedded) = (src.checkpoint, src.embedded);
+    if embedded && args.progress {
+        pb.suspend(|| {
+            eprintln!(
+                "note: no model given; using the embedded tiny test model (random weights, \
+                 output is meaningless)"
+            )
+        });
+    }
     for note in &ck.report.notes {
         tracing::info!("{note}");
     }
     pb.set_message("building model");
     let mut weights = ck.weights;
-    let model =
-        HiciLlama::<B>::from_weights(&ck.config, ck.lora, args.lora_mode(), &mut weights, device)
-            .context("building the model")?;
+    let model = HiciLlama::<B>::from_weights(&ck.config, ck.lora, args.lora, &mut weights, device)
+        .context("building the model")?;
     if !weights.is_empty() {
         let names: Vec<_> = weights.keys().take(5).cloned().collect();
         bail!(
@@ -74,14 +269,14 @@ pub fn load<B: Backend>(args: &ModelArgs, device: &B::Device) -> Result<Loaded<B
         None => src.tokenizer,
     };
     let tokenizer = match tok_src {
-        Some(TokenizerSource::File(p)) => Some(HiciTokenizer::from_file(&p)?),
-        Some(TokenizerSource::Gguf(v)) => Some(HiciTokenizer::from_gguf(&v)?),
+        Some(TokenizerSource::File(p)) => Some(Arc::new(HiciTokenizer::from_file(&p)?)),
+        Some(TokenizerSource::Gguf(v)) => Some(Arc::new(HiciTokenizer::from_gguf(&v)?)),
         None => None,
     };
-    let chat = match &tokenizer {
+    let chat = Arc::new(match &tokenizer {
         Some(t) => ChatFormat::from_model(src.chat_template.as_deref(), t)?,
         None => ChatFormat::Llama2,
-    };
+    });
     let mode = args.resolve_mode(ck.config.hici.is_some())?;
     Ok(Loaded {
         model,
@@ -90,6 +285,7 @@ pub fn load<B: Backend>(args: &ModelArgs, device: &B::Device) -> Result<Loaded<B
         chat_template: src.chat_template,
         max_context: context_of(&ck.config),
         mode,
+        decode_cache: args.decode_cache,
         embedded,
         report: ck.report,
         gguf: src.gguf,
@@ -103,17 +299,14 @@ pub fn context_of(cfg: &hici_model::ModelConfig) -> usize {
 
 /// Refuses half precision under burn's fusion layer: burn 0.21's fusion engine panics in its
 /// device thread on half-precision decoding (burn-cubecl-fusion `FusedReduceLaunch` asks for
-/// the strides of an input it did not register, after a host read-back). `--fusion auto`
+/// the strides of an input it did not register, after a host read-back). [`Fusion::Auto`]
 /// already turns fusion off for f16/bf16.
-pub fn check_fusion(args: &ModelArgs) -> Result<()> {
-    if args.dtype != DtypeArg::F32
-        && args.fused()
-        && args.device != crate::backend::DeviceChoice::Ndarray
-    {
+pub fn check_fusion(args: &LoadSpec) -> Result<()> {
+    if args.dtype != DType::F32 && args.fused() && args.device != DeviceChoice::Ndarray {
         bail!(
-            "--dtype {} with --fusion on is not supported on --device {}: burn 0.21's fusion \
-             engine crashes on half-precision decoding; use --fusion auto (or off)",
-            args.dtype.name(),
+            "dtype {} with fusion on is not supported on device {}: burn 0.21's fusion engine \
+             crashes on half-precision decoding; use fusion auto (or off)",
+            dtype_name(args.dtype),
             args.device
         );
     }
@@ -121,16 +314,16 @@ pub fn check_fusion(args: &ModelArgs) -> Result<()> {
 }
 
 /// The precision and attention-kernel steps every command applies to a freshly built model:
-/// casts to `--dtype` (an error naming the flag and device when the backend lacks that dtype)
-/// and selects `kernel`.
+/// casts to the spec's dtype (an error naming dtype and device when the backend lacks it) and
+/// selects `kernel`.
 pub fn prepare<B: Backend>(
     model: HiciLlama<B>,
-    args: &ModelArgs,
+    args: &LoadSpec,
     kernel: AttentionKernel,
 ) -> Result<HiciLlama<B>> {
     Ok(model
-        .with_dtype(args.dtype.dtype())
-        .with_context(|| format!("--dtype {} on --device {}", args.dtype.name(), args.device))?
+        .with_dtype(args.dtype)
+        .with_context(|| format!("dtype {} on device {}", dtype_name(args.dtype), args.device))?
         .with_attention_kernel(kernel))
 }
 
@@ -144,14 +337,14 @@ pub enum ModelSource {
         opts: LoadOptions,
         embedded: bool,
     },
-    /// A file written by `hici import` (`--model`).
+    /// A file written by `hici import`.
     Converted(PathBuf),
-    /// A GGUF file (`--model X.gguf`, recognised by its magic).
+    /// A GGUF file (recognised by its magic or the `.gguf` extension).
     Gguf(PathBuf),
 }
 
-/// `--model`, else `--base`/`--adapter`, else the embedded model (with a note on stderr).
-pub fn model_source(args: &ModelArgs) -> Result<ModelSource> {
+/// `model`, else `base`/`adapter`, else the embedded model.
+pub fn model_source(args: &LoadSpec) -> Result<ModelSource> {
     if let Some(file) = &args.model {
         if hici_io::is_gguf(file) || file.extension().is_some_and(|e| e == "gguf") {
             return Ok(ModelSource::Gguf(file.clone()));
@@ -162,13 +355,6 @@ pub fn model_source(args: &ModelArgs) -> Result<ModelSource> {
         Some(b) => (b.clone(), args.adapter.clone(), false),
         None => {
             let (b, a) = embedded::materialise()?;
-            static NOTED: std::sync::Once = std::sync::Once::new();
-            NOTED.call_once(|| {
-                eprintln!(
-                    "note: no --base given; using the embedded tiny test model (random weights, \
-                     output is meaningless)"
-                )
-            });
             (b, Some(a), true)
         }
     };
@@ -186,7 +372,7 @@ pub fn model_source(args: &ModelArgs) -> Result<ModelSource> {
     })
 }
 
-fn load_options(args: &ModelArgs, hici_heads: usize) -> LoadOptions {
+fn load_options(args: &LoadSpec, hici_heads: usize) -> LoadOptions {
     LoadOptions {
         hici_heads,
         gi_heads: None,
@@ -243,7 +429,7 @@ pub struct CheckpointSource {
 }
 
 /// Reads the checkpoint the options name (all tensors f32 in host memory).
-pub fn read_checkpoint(args: &ModelArgs) -> Result<CheckpointSource> {
+pub fn read_checkpoint(args: &LoadSpec) -> Result<CheckpointSource> {
     match model_source(args)? {
         ModelSource::Dirs {
             base,
@@ -269,8 +455,8 @@ pub fn read_checkpoint(args: &ModelArgs) -> Result<CheckpointSource> {
         ModelSource::Gguf(path) => {
             if args.hici_heads.is_some() || args.context_size.is_some() {
                 bail!(
-                    "--hici-heads and --context-size do not apply to {} (a GGUF model without \
-                     HiCI modules; --rope-scale overrides its RoPE factor)",
+                    "hici heads and context size do not apply to {} (a GGUF model without HiCI \
+                     modules; a RoPE scale overrides its RoPE factor)",
                     path.display()
                 );
             }
@@ -304,12 +490,12 @@ pub fn read_checkpoint(args: &ModelArgs) -> Result<CheckpointSource> {
             }
             if args.context_size.is_some() && args.rope_scale.is_none() {
                 eprintln!(
-                    "note: --context-size is ignored with --model (the RoPE factor {} was \
-                     resolved at import; use --rope-scale to override it)",
+                    "note: the context size is ignored for a converted file (the RoPE factor {} \
+                     was resolved at import; a RoPE scale overrides it)",
                     cfg.rope_factor
                 );
             }
-            cfg.validate().context("--hici-heads / --rope-scale")?;
+            cfg.validate().context("hici heads / RoPE scale")?;
             let tokenizer = match &info.tokenizer_json {
                 Some(text) => Some(TokenizerSource::File(cache_tokenizer(text)?)),
                 None => None,

@@ -1,0 +1,217 @@
+//! The engine thread: loads the model, then runs queued jobs one at a time (FIFO), streaming
+//! each job's text back over its own channel.
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::ServerConfig;
+use hici_engine::{load_engine, CancelToken, EngineInfo, GenerateOutput, LoadSpec};
+use hici_runtime::sampler::SamplingConfig;
+use hici_runtime::template::ChatFormat;
+use hici_runtime::tokenizer::HiciTokenizer;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// What a job sends back, in order: text pieces, then exactly one `Done` or `Failed` (none if
+/// the job was cancelled before it started).
+#[derive(Debug)]
+pub enum Event {
+    Text(String),
+    Done(Box<GenerateOutput>),
+    Failed(String),
+}
+
+/// One generation request for the engine.
+pub struct Job {
+    /// Prompt ids (BOS included).
+    pub prompt: Vec<u32>,
+    pub max_new_tokens: usize,
+    pub sampling: SamplingConfig,
+    /// Stop sequences (generation ends once the text contains one).
+    pub stop: Vec<String>,
+    pub cancel: CancelToken,
+    pub events: mpsc::UnboundedSender<Event>,
+    /// When the HTTP request arrived (time to first token counts from here).
+    pub arrived: Instant,
+}
+
+/// The loaded model's facts the request handlers need.
+pub struct Ready {
+    pub tokenizer: Arc<HiciTokenizer>,
+    pub chat: Arc<ChatFormat>,
+    pub info: EngineInfo,
+    /// The context limit requests are checked against.
+    pub ctx: usize,
+}
+
+/// Handle to the engine thread.
+pub struct Worker {
+    tx: mpsc::Sender<Job>,
+    ready: Arc<OnceLock<Ready>>,
+    queued: Arc<AtomicUsize>,
+    metrics: Metrics,
+    max_queue: usize,
+}
+
+impl Worker {
+    /// Starts the engine thread loading `spec`. The receiver gets one message if loading fails.
+    pub fn start(
+        spec: LoadSpec,
+        cfg: ServerConfig,
+        metrics: Metrics,
+    ) -> (Self, mpsc::UnboundedReceiver<String>) {
+        let (tx, rx) = mpsc::channel::<Job>(cfg.max_queue);
+        let (fail_tx, fail_rx) = mpsc::unbounded_channel();
+        let ready = Arc::new(OnceLock::new());
+        let queued = Arc::new(AtomicUsize::new(0));
+        let w = Self {
+            tx,
+            ready: ready.clone(),
+            queued: queued.clone(),
+            metrics: metrics.clone(),
+            max_queue: cfg.max_queue,
+        };
+        let spawned = std::thread::Builder::new()
+            .name("hici-engine".into())
+            .spawn(move || engine_thread(spec, cfg, rx, ready, queued, metrics, fail_tx.clone()));
+        if let Err(e) = spawned {
+            // the receiver is returned below, so this message reaches `serve`
+            let (tx2, rx2) = mpsc::unbounded_channel();
+            let _ = tx2.send(format!("starting the engine thread: {e}"));
+            return (w, rx2);
+        }
+        (w, fail_rx)
+    }
+
+    pub fn ready(&self) -> Option<&Ready> {
+        self.ready.get()
+    }
+
+    /// Requests waiting for the engine (not counting the one running).
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+
+    /// Queues a job, or refuses it: 429 when the queue is full, 503 when the engine stopped.
+    pub fn submit(&self, job: Job) -> Result<(), ApiError> {
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        match self.tx.try_send(job) {
+            Ok(()) => {
+                self.metrics.queue_depth(self.queued());
+                Ok(())
+            }
+            Err(e) => {
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+                Err(match e {
+                    mpsc::error::TrySendError::Full(_) => ApiError::queue_full(self.max_queue),
+                    mpsc::error::TrySendError::Closed(_) => {
+                        ApiError::unavailable("the engine has stopped")
+                    }
+                })
+            }
+        }
+    }
+}
+
+fn engine_thread(
+    spec: LoadSpec,
+    cfg: ServerConfig,
+    mut rx: mpsc::Receiver<Job>,
+    ready: Arc<OnceLock<Ready>>,
+    queued: Arc<AtomicUsize>,
+    metrics: Metrics,
+    fail: mpsc::UnboundedSender<String>,
+) {
+    let t0 = Instant::now();
+    let engine = match load_engine(&spec) {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = fail.send(format!("loading the model: {e:#}"));
+            return;
+        }
+    };
+    let info = engine.info().clone();
+    let Some(tokenizer) = engine.tokenizer() else {
+        let _ = fail.send(
+            "the model has no tokenizer (the server needs one: give a tokenizer.json)".into(),
+        );
+        return;
+    };
+    let ctx = match cfg.ctx {
+        None => info.max_context,
+        Some(c) if c == 0 || c > info.max_context => {
+            let _ = fail.send(format!(
+                "the context limit {c} must be between 1 and the model's context of {} tokens",
+                info.max_context
+            ));
+            return;
+        }
+        Some(c) => c,
+    };
+    tracing::info!(
+        "model loaded in {:.1} s on {} (context {ctx} tokens)",
+        t0.elapsed().as_secs_f64(),
+        info.device
+    );
+    let chat = engine.chat();
+    let _ = ready.set(Ready {
+        tokenizer,
+        chat,
+        info,
+        ctx,
+    });
+    while let Some(job) = rx.blocking_recv() {
+        let left = queued.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
+        metrics.queue_depth(left);
+        if job.cancel.is_cancelled() || job.events.is_closed() {
+            continue;
+        }
+        let waited = job.arrived.elapsed().as_secs_f64();
+        let mut opts = engine.options(job.max_new_tokens, job.sampling.clone());
+        opts.stop = job.stop.clone();
+        opts.max_context = ctx;
+        let mut last: Option<Instant> = None;
+        let events = job.events.clone();
+        let cancel = job.cancel.clone();
+        let mut on_text = |s: &str| {
+            let now = Instant::now();
+            match last {
+                None => metrics.time_to_first_token(job.arrived.elapsed().as_secs_f64()),
+                Some(t) => metrics.inter_token_latency((now - t).as_secs_f64()),
+            }
+            last = Some(now);
+            if events.send(Event::Text(s.to_string())).is_err() {
+                cancel.cancel();
+            }
+        };
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            engine.generate(&job.prompt, &opts, &mut on_text, &job.cancel)
+        }));
+        match run {
+            Ok(Ok(out)) => {
+                metrics.tokens(out.prompt_tokens, out.generated_tokens);
+                tracing::info!(
+                    "request done: {} prompt + {} generated tokens, stop {:?}, queued {:.3} s, \
+                     first token after {:.3} s, decode {:.1} tok/s",
+                    out.prompt_tokens,
+                    out.generated_tokens,
+                    out.stop_reason,
+                    waited,
+                    waited + out.timings.time_to_first_token_s,
+                    out.timings.decode_tokens_per_s
+                );
+                let _ = job.events.send(Event::Done(Box::new(out)));
+            }
+            Ok(Err(e)) => {
+                let _ = job.events.send(Event::Failed(e.to_string()));
+            }
+            Err(_) => {
+                tracing::error!("the engine panicked on a request; it keeps serving");
+                let _ = job
+                    .events
+                    .send(Event::Failed("internal error in the engine".into()));
+            }
+        }
+    }
+}
