@@ -126,3 +126,41 @@ fn bench_rejects_undividable_segmented_lengths() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(err.contains("divisible"), "{err}");
 }
+
+#[test]
+fn bench_concurrency_rows() {
+    let out = hici(&[
+        "bench",
+        "--synthetic",
+        "tiny",
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "3",
+        "--modes",
+        "full,hici",
+        "--concurrency",
+        "1,3",
+        "--warmup",
+        "0",
+        "--iters",
+        "1",
+        "--json",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "hici bench failed: {err}");
+    assert!(
+        err.contains("aggregate tok/s"),
+        "no concurrency table: {err}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["concurrency_results"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    for r in rows {
+        stat_ok(&r["aggregate_tokens_per_s"], "aggregate");
+        stat_ok(&r["per_stream_tokens_per_s"], "per-stream");
+        stat_ok(&r["ttft_ms"], "ttft");
+    }
+    assert_eq!(rows[1]["concurrency"], 3);
+    assert_eq!(v["settings"]["concurrency"], serde_json::json!([1, 3]));
+}

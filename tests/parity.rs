@@ -336,3 +336,39 @@ fn half_precision_is_refused_on_ndarray() {
         .unwrap_err();
     assert!(err.to_string().contains("BF16"), "{err}");
 }
+
+/// Continuous batching: one decode step for sequences of very different lengths (and Mode I
+/// prefixes `[G ; L]` of their own) gives each the logits it gets alone, within 1e-4 f32.
+#[test]
+fn batched_decode_equals_batch_one() {
+    let model = load_model(LoraMode::Merged);
+    let prompts: Vec<Vec<i64>> = [3usize, 17, 40, 64]
+        .iter()
+        .map(|&n| {
+            (0..n as i64)
+                .map(|i| (i * 37 + n as i64) % 500 + 3)
+                .collect()
+        })
+        .collect();
+    for (mode, cache) in [
+        (AttentionMode::Inference, DecodeCache::Slots),
+        (AttentionMode::Inference, DecodeCache::Tokens),
+        (AttentionMode::Full, DecodeCache::Tokens),
+    ] {
+        let (worst, same) = batched_vs_single(&model, &prompts, mode, cache, 6);
+        eprintln!("batched vs batch-1, {mode:?}/{cache:?}: max |dlogit| {worst:.2e}");
+        assert!(worst < 1e-4, "{mode:?}/{cache:?}: {worst}");
+        assert!(same, "{mode:?}/{cache:?}: greedy ids differ");
+    }
+    // the batched step checks its inputs
+    let (_, mut c) = model
+        .prefill_tokens(
+            &[1, 2, 3],
+            AttentionMode::Full,
+            DecodeCache::Tokens,
+            Logits::Last,
+        )
+        .unwrap();
+    assert!(model.decode_batch(&[1, 2], &mut [&mut c]).is_err());
+    assert!(model.decode_batch(&[100_000], &mut [&mut c]).is_err());
+}

@@ -443,6 +443,8 @@ fn serve_embedded_api_errors_concurrency_and_sigterm() {
 fn serve_refuses_bad_options_and_models() {
     let out = common::hici(&["serve", "--max-queue", "0"]);
     common::assert_clean_error(&out, "--max-queue");
+    let out = common::hici(&["serve", "--max-batch", "0"]);
+    common::assert_clean_error(&out, "--max-batch");
     let out = common::hici(&["--model", "/nonexistent.gguf", "serve", "--port", "0"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -544,9 +546,13 @@ fn serve_smollm2_with_the_openai_client() {
     );
     eprintln!("disconnect: next request answered {waited:.2} s after the client left");
 
-    // a full queue: one running, one waiting, the third is refused with Retry-After
+    // a full queue: one running (batches of one), one waiting, the third is refused with
+    // Retry-After
     drop(srv);
-    let srv = Server::start(&["--model", &model], &["--max-queue", "1"]);
+    let srv = Server::start(
+        &["--model", &model],
+        &["--max-queue", "1", "--max-batch", "1"],
+    );
     srv.wait_ready();
     let addr = srv.addr;
     let long = chat_body(model_id, "Tell me about the sea.", 40, false).to_string();
@@ -573,4 +579,29 @@ fn serve_smollm2_with_the_openai_client() {
     let (code, log) = srv.terminate();
     assert_eq!(code, 0, "{log}");
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// A request whose prompt + max_tokens can never fit the KV-cache budget is a 400 naming the
+/// sizes; one that fits is served.
+#[test]
+fn serve_kv_budget_refuses_what_never_fits() {
+    // the embedded model's cache takes 1 KiB per entry (2 layers x K/V x 4 heads x 16 x 4
+    // bytes): 0.05 MiB holds 51 entries, i.e. a short generation only
+    let srv = Server::start(&[], &["--kv-budget-mib", "0.05"]);
+    srv.wait_ready();
+    let health = srv.request("GET", "/health", None, &[]).json();
+    let budget = health["kv_budget_bytes"].as_u64().unwrap();
+    assert_eq!(budget, (0.05f64 * 1048576.0) as u64);
+    let big = srv.post(
+        "/v1/chat/completions",
+        &chat_body(EMBEDDED, "hi", 230, false),
+    );
+    let msg = big.error(400)["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("KV cache") && msg.contains("MiB"), "{msg}");
+    let small = srv.post("/v1/chat/completions", &chat_body(EMBEDDED, "hi", 4, false));
+    assert_eq!(small.status, 200, "{}", small.body);
+    assert_eq!(
+        srv.request("GET", "/health", None, &[]).json()["kv_reserved_bytes"],
+        0
+    );
 }

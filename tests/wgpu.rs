@@ -250,3 +250,28 @@ fn wgpu_without_an_adapter_is_a_clean_error() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+/// Continuous batching on wgpu: a batched decode of sequences of different lengths matches
+/// each sequence's batch-1 decode (both on wgpu) within the wgpu tolerance.
+#[test]
+fn wgpu_batched_decode_equals_batch_one() {
+    if std::env::var("HICI_SKIP_WGPU").is_ok() {
+        return;
+    }
+    let dev = WgpuDevice::DefaultDevice;
+    let model = load_model_on::<W>(LoraMode::Merged, &dev);
+    let prompts: Vec<Vec<i64>> = [4usize, 23, 50]
+        .iter()
+        .map(|&n| (0..n as i64).map(|i| (i * 31 + 7) % 500 + 3).collect())
+        .collect();
+    let (worst, same) = batched_vs_single(
+        &model,
+        &prompts,
+        AttentionMode::Inference,
+        DecodeCache::Slots,
+        4,
+    );
+    eprintln!("wgpu batched vs batch-1: max |dlogit| {worst:.2e}");
+    assert!(worst < TOL, "{worst}");
+    assert!(same, "greedy ids differ");
+}

@@ -225,3 +225,63 @@ pub fn real_model(key: &str) -> Option<PathBuf> {
     );
     None
 }
+
+/// Greedy decoding of several prompts two ways: each alone (`decode_tokens`, batch 1) and all
+/// together (`decode_batch`, one step for every sequence). Returns the largest logit difference
+/// over all steps and whether the greedy ids agree everywhere (batch-1 ids drive both, so one
+/// near-tie cannot derail the comparison).
+pub fn batched_vs_single<Bk: burn::tensor::backend::Backend>(
+    model: &HiciLlama<Bk>,
+    prompts: &[Vec<i64>],
+    mode: hici::model::AttentionMode,
+    cache: hici::model::DecodeCache,
+    steps: usize,
+) -> (f32, bool) {
+    use hici::model::{to_vec_f32, Logits};
+    use hici::runtime::sampler::argmax;
+    let v = model.vocab_size();
+    let prefill = |p: &Vec<i64>| {
+        let (l, c) = model
+            .prefill_tokens(p, mode, cache, Logits::Last)
+            .expect("prefill");
+        (argmax(&to_vec_f32(l)) as i64, c)
+    };
+    // batch 1
+    let mut single: Vec<Vec<Vec<f32>>> = Vec::new();
+    let mut single_ids: Vec<Vec<i64>> = Vec::new();
+    for p in prompts {
+        let (mut next, mut c) = prefill(p);
+        let (mut rows, mut ids) = (Vec::new(), vec![next]);
+        for _ in 0..steps {
+            let row = to_vec_f32(model.decode_tokens(&[next], &mut c).expect("decode"));
+            next = argmax(&row) as i64;
+            ids.push(next);
+            rows.push(row);
+        }
+        single.push(rows);
+        single_ids.push(ids);
+    }
+    // all together
+    let mut caches = Vec::new();
+    let mut same = true;
+    for (i, p) in prompts.iter().enumerate() {
+        let (first, c) = prefill(p);
+        same &= first == single_ids[i][0];
+        caches.push(c);
+    }
+    let mut worst = 0f32;
+    for step in 0..steps {
+        let next: Vec<i64> = single_ids.iter().map(|ids| ids[step]).collect();
+        let mut refs: Vec<_> = caches.iter_mut().collect();
+        let rows = to_vec_f32(
+            model
+                .decode_batch(&next, &mut refs)
+                .expect("batched decode"),
+        );
+        for (i, row) in rows.chunks(v).enumerate() {
+            worst = worst.max(max_abs_diff(row, &single[i][step]));
+            same &= argmax(row) as i64 == single_ids[i][step + 1];
+        }
+    }
+    (worst, same)
+}

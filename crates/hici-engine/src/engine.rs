@@ -4,13 +4,14 @@
 use crate::load::{check_fusion, load, LoadSpec, Loaded};
 use anyhow::Result;
 use burn::prelude::*;
-use hici_model::AttentionMode;
+use hici_model::{to_vec_f32, AttentionMode, KvCache, Logits};
 use hici_runtime::cancel::CancelToken;
 use hici_runtime::generate::{generate, GenerateOptions, GenerateOutput};
 use hici_runtime::sampler::SamplingConfig;
 use hici_runtime::template::ChatFormat;
 use hici_runtime::tokenizer::HiciTokenizer;
 use hici_runtime::RuntimeError;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// What callers need to know about a loaded model, without its backend type.
@@ -27,6 +28,17 @@ pub struct EngineInfo {
     pub device: String,
     /// Whether this is the embedded tiny test model.
     pub embedded: bool,
+    /// KV-cache bytes one cached entry (token or slot) takes, over all layers.
+    pub kv_bytes_per_entry: u64,
+    /// Slot entries a generation's cache holds besides its tokens (Mode I `[G ; L]`, or 0).
+    pub kv_prefix_entries: usize,
+}
+
+impl EngineInfo {
+    /// KV-cache bytes a generation of `prompt + max_new` tokens needs at most.
+    pub fn kv_bytes(&self, prompt: usize, max_new: usize) -> u64 {
+        (self.kv_prefix_entries + prompt + max_new) as u64 * self.kv_bytes_per_entry
+    }
 }
 
 /// A loaded model on some backend: generation, its tokenizer and chat format.
@@ -51,11 +63,32 @@ pub trait Engine {
         on_text: &mut dyn FnMut(&str),
         cancel: &CancelToken,
     ) -> Result<GenerateOutput, RuntimeError>;
+
+    /// Batched generation, step 1: prefills `prompt` in `opts.mode` into a new cache kept under
+    /// `id` (with room for `reserve` more entries); returns the last logits row `[V]`.
+    fn prefill(
+        &mut self,
+        id: u64,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        reserve: usize,
+    ) -> Result<Vec<f32>, RuntimeError>;
+
+    /// Batched generation, step 2: one decode step for every `(id, token)` at once (the
+    /// weights are read once); returns each sequence's logits row `[V]`, in order.
+    fn decode_batch(&mut self, items: &[(u64, u32)]) -> Result<Vec<Vec<f32>>, RuntimeError>;
+
+    /// Frees the cache kept under `id`.
+    fn release(&mut self, id: u64);
+
+    /// Caches held (sequences prefilled and not released).
+    fn cached(&self) -> usize;
 }
 
 struct Typed<B: Backend> {
     loaded: Loaded<B>,
     info: EngineInfo,
+    caches: HashMap<u64, KvCache<B>>,
 }
 
 impl<B: Backend> Engine for Typed<B> {
@@ -91,6 +124,55 @@ impl<B: Backend> Engine for Typed<B> {
             &|| cancel.is_cancelled(),
         )
     }
+
+    fn prefill(
+        &mut self,
+        id: u64,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        reserve: usize,
+    ) -> Result<Vec<f32>, RuntimeError> {
+        let ids: Vec<i64> = prompt.iter().map(|&x| x as i64).collect();
+        let (logits, mut cache) =
+            self.loaded
+                .model
+                .prefill_tokens(&ids, opts.mode, opts.decode_cache, Logits::Last)?;
+        cache.reserve(reserve);
+        self.caches.insert(id, cache);
+        Ok(to_vec_f32(logits))
+    }
+
+    fn decode_batch(&mut self, items: &[(u64, u32)]) -> Result<Vec<Vec<f32>>, RuntimeError> {
+        let mut taken = Vec::with_capacity(items.len());
+        for (id, _) in items {
+            match self.caches.remove(id) {
+                Some(c) => taken.push((*id, c)),
+                None => {
+                    for (i, c) in taken {
+                        self.caches.insert(i, c);
+                    }
+                    return Err(RuntimeError::Input(format!("no cache for sequence {id}")));
+                }
+            }
+        }
+        let ids: Vec<i64> = items.iter().map(|&(_, t)| t as i64).collect();
+        let mut refs: Vec<&mut KvCache<B>> = taken.iter_mut().map(|(_, c)| c).collect();
+        let out = self.loaded.model.decode_batch(&ids, &mut refs);
+        for (i, c) in taken {
+            self.caches.insert(i, c);
+        }
+        let flat = to_vec_f32(out?);
+        let v = flat.len() / items.len();
+        Ok(flat.chunks(v).map(<[f32]>::to_vec).collect())
+    }
+
+    fn release(&mut self, id: u64) {
+        self.caches.remove(&id);
+    }
+
+    fn cached(&self) -> usize {
+        self.caches.len()
+    }
 }
 
 /// Loads the model `spec` names onto its device, on the calling thread.
@@ -99,7 +181,19 @@ pub fn load_engine(spec: &LoadSpec) -> Result<Box<dyn Engine>> {
     check_fusion(spec)?;
     crate::with_backend!(spec.device, spec.fused(), |B, dev| {
         let loaded = load::<B>(spec, &dev)?;
+        let cfg = loaded.model.config();
+        let l = &cfg.llama;
+        let elem = loaded.model.dtype().size() as u64;
+        let kv_prefix_entries = match (loaded.mode, spec.decode_cache, &cfg.hici) {
+            (AttentionMode::Inference, d, Some(h)) if d != hici_model::DecodeCache::Tokens => {
+                h.prefix_len()
+            }
+            _ => 0,
+        };
         let info = EngineInfo {
+            kv_bytes_per_entry: (l.num_hidden_layers * 2 * l.kv_heads() * l.head_dim()) as u64
+                * elem,
+            kv_prefix_entries,
             max_context: loaded.max_context,
             mode: loaded.mode,
             vocab_size: loaded.model.vocab_size(),
@@ -107,6 +201,10 @@ pub fn load_engine(spec: &LoadSpec) -> Result<Box<dyn Engine>> {
             device: spec.device.to_string(),
             embedded: loaded.embedded,
         };
-        Ok(Box::new(Typed { loaded, info }) as Box<dyn Engine>)
+        Ok(Box::new(Typed {
+            loaded,
+            info,
+            caches: HashMap::new(),
+        }) as Box<dyn Engine>)
     })
 }

@@ -4,11 +4,13 @@
 //! explicit [`CancelToken`] and [`GenerateOptions`] whose limits come from the model's context.
 //! No process-wide state, no command-line words.
 
+pub mod batch;
 pub mod device;
 pub mod embedded;
 mod engine;
 pub mod load;
 
+pub use batch::{BatchJob, Scheduler, Sink};
 pub use device::DeviceChoice;
 pub use engine::{load_engine, Engine, EngineInfo};
 pub use hici_runtime::cancel::CancelToken;

@@ -321,6 +321,58 @@ impl<B: Backend> SelfAttention<B> {
     }
 }
 
+impl<B: Backend> SelfAttention<B> {
+    /// One decode step for `n` independent sequences: `x: [n, 1, H]`, row `i` at the position
+    /// of row `i` of the tables `cos`/`sin` (`[n, 1, hd]`), attending over its own cache
+    /// `caches[i]` (any length; keys past it are never seen) plus itself. The projections run
+    /// once for all rows (the weights are read once per step); attention runs per sequence.
+    /// Appends each row's K/V to its cache. Returns `[n, 1, H]`.
+    pub fn forward_decode_batch(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 3>,
+        sin: &Tensor<B, 3>,
+        caches: &mut [&mut LayerCache<B>],
+        kernel: AttentionKernel,
+    ) -> Tensor<B, 3> {
+        let [n, s, _] = x.dims();
+        debug_assert_eq!((s, caches.len()), (1, n));
+        let q = apply_rope(
+            self.split_heads(self.q_proj.forward(x.clone()), self.n_heads),
+            cos,
+            sin,
+        );
+        let k = apply_rope(
+            self.split_heads(self.k_proj.forward(x.clone()), self.n_kv_heads),
+            cos,
+            sin,
+        );
+        let v = self.split_heads(self.v_proj.forward(x), self.n_kv_heads);
+        let outs: Vec<Tensor<B, 4>> = caches
+            .iter_mut()
+            .enumerate()
+            .map(|(i, cache)| {
+                cache.append(k.clone().narrow(0, i, 1), v.clone().narrow(0, i, 1));
+                attend(
+                    q.clone().narrow(0, i, 1),
+                    cache.keys(),
+                    cache.values(),
+                    kernel,
+                )
+            })
+            .collect();
+        let o = if outs.len() == 1 {
+            outs.into_iter().next().expect("one row")
+        } else {
+            Tensor::cat(outs, 0)
+        };
+        self.o_proj.forward(
+            o.swap_dims(1, 2)
+                .reshape([n, s, self.n_heads * self.head_dim]),
+        )
+    }
+}
+
 /// Pre-norm decoder layer.
 #[derive(Module, Debug)]
 pub struct DecoderLayer<B: Backend> {

@@ -417,4 +417,57 @@ impl<B: Backend> HiciLlama<B> {
         cache.next_position += s;
         Ok(self.head(x, Logits::All))
     }
+
+    /// One decode step for several sequences at once (continuous batching): `ids[i]` is the
+    /// next token of the sequence whose cache is `caches[i]`; caches may hold any number of
+    /// entries (different prompts, different Mode I prefixes `[G ; L]`) and positions. Row `i`
+    /// of the result (`[n, 1, V]` f32 logits) equals what [`Self::decode_tokens`] gives for
+    /// `ids[i]` alone on `caches[i]`, up to float summation order in the shared projections.
+    pub fn decode_batch(
+        &self,
+        ids: &[i64],
+        caches: &mut [&mut KvCache<B>],
+    ) -> Result<Tensor<B, 3>, ModelError> {
+        let n = ids.len();
+        if n == 0 || caches.len() != n {
+            return Err(ModelError::Config(format!(
+                "a batched decode step needs one cache per token: {n} token(s), {} cache(s)",
+                caches.len()
+            )));
+        }
+        if let Some(c) = caches.iter().find(|c| c.layers.len() != self.layers.len()) {
+            return Err(ModelError::Config(format!(
+                "cache has {} layers, model has {}",
+                c.layers.len(),
+                self.layers.len()
+            )));
+        }
+        self.check_host_ids(ids)?;
+        let device = self.device();
+        let ids_t = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [n, 1]), &device);
+        let mut x = self.embed(ids_t);
+        let tables: Vec<_> = caches
+            .iter()
+            .map(|c| self.rope.tables_for::<B>(c.next_position, 1, &device))
+            .collect();
+        let stack = |f: fn(&crate::rope::RopeTables<B>) -> Tensor<B, 2>| {
+            let rows: Vec<Tensor<B, 3>> = tables.iter().map(|t| f(t).unsqueeze_dim(0)).collect();
+            Tensor::cat(rows, 0)
+        };
+        let cos = stack(|t| t.cos.clone());
+        let sin = stack(|t| t.sin.clone());
+        for (li, layer) in self.layers.iter().enumerate() {
+            let a = layer.input_layernorm.forward(x.clone());
+            let mut lcs: Vec<&mut crate::cache::LayerCache<B>> =
+                caches.iter_mut().map(|c| &mut c.layers[li]).collect();
+            let out = layer
+                .self_attn
+                .forward_decode_batch(a, &cos, &sin, &mut lcs, self.kernel);
+            x = layer.finish(x, out);
+        }
+        for c in caches.iter_mut() {
+            c.next_position += 1;
+        }
+        Ok(self.head(x, Logits::All))
+    }
 }

@@ -72,6 +72,185 @@ pub fn truncate_middle(ids: &[u32], max_len: usize) -> Vec<u32> {
     out
 }
 
+/// One generation in progress: sampling, streaming detokenization and the stop rules, fed one
+/// logits row at a time. [`generate`] drives one; a batch scheduler drives many, each with its
+/// own cache, and gets the same tokens for each as [`generate`] would.
+pub struct Sequence<'t> {
+    opts: GenerateOptions,
+    sampler: Sampler,
+    stream: Option<StreamDecoder<'t>>,
+    text: String,
+    generated: Vec<u32>,
+    history: Vec<u32>,
+    prompt_len: usize,
+    steps: usize,
+    stop: Option<StopReason>,
+    t0: Instant,
+    prefill_s: f64,
+    ttft: f64,
+    t1: Instant,
+}
+
+impl<'t> Sequence<'t> {
+    /// Checks `prompt` against `opts` and starts the clock (prefill is timed from here).
+    pub fn new(
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        tokenizer: Option<&'t HiciTokenizer>,
+    ) -> Result<Self, RuntimeError> {
+        if prompt.is_empty() {
+            return Err(RuntimeError::Input("the prompt is empty".into()));
+        }
+        if !matches!(opts.mode, AttentionMode::Full | AttentionMode::Inference) {
+            return Err(RuntimeError::Input(
+                "generation supports modes `full` and `hici` (Mode I); segmented modes have no \
+                 decoding in the reference"
+                    .into(),
+            ));
+        }
+        if prompt.len() > opts.max_context {
+            return Err(RuntimeError::Input(format!(
+                "the prompt has {} tokens, more than the context of {} tokens",
+                prompt.len(),
+                opts.max_context
+            )));
+        }
+        let now = Instant::now();
+        Ok(Self {
+            opts: opts.clone(),
+            sampler: Sampler::new(opts.sampling.clone()),
+            stream: tokenizer.map(StreamDecoder::new),
+            text: String::new(),
+            generated: Vec::new(),
+            history: prompt.to_vec(),
+            prompt_len: prompt.len(),
+            steps: 0,
+            stop: None,
+            t0: now,
+            prefill_s: 0.0,
+            ttft: 0.0,
+            t1: now,
+        })
+    }
+
+    /// Cache entries still to reserve after the prefill: every token this generation may
+    /// append, never past the context.
+    pub fn reserve_hint(&self) -> usize {
+        self.opts
+            .max_new_tokens
+            .min(self.opts.max_context - self.prompt_len)
+            .saturating_sub(1)
+    }
+
+    /// Marks the end of the prefill (decode timing starts here).
+    pub fn prefilled(&mut self) {
+        self.prefill_s = self.t0.elapsed().as_secs_f64();
+        self.t1 = Instant::now();
+    }
+
+    /// Ids generated so far.
+    pub fn generated(&self) -> &[u32] {
+        &self.generated
+    }
+
+    /// Why it stopped, once it has.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.stop
+    }
+
+    /// Stops it (reason `interrupted`) unless it has already stopped.
+    pub fn interrupt(&mut self) {
+        self.stop.get_or_insert(StopReason::Interrupted);
+    }
+
+    /// Takes the logits row `[V]` after the last token fed: samples the next id, streams its
+    /// text to `on_text` and applies the stop rules. Returns the id to feed next, or `None`
+    /// when the generation is over.
+    pub fn advance(
+        &mut self,
+        row: &[f32],
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Option<u32>, RuntimeError> {
+        if self.stop.is_some() {
+            return Ok(None);
+        }
+        if self.steps >= self.opts.max_new_tokens {
+            self.stop = Some(StopReason::MaxTokens);
+            return Ok(None);
+        }
+        let next = self
+            .sampler
+            .sample(row, &self.history, self.generated.len());
+        if self.steps == 0 {
+            self.ttft = self.t0.elapsed().as_secs_f64();
+        }
+        self.steps += 1;
+        if self.opts.stop_ids.contains(&next) {
+            self.stop = Some(StopReason::Eos);
+            return Ok(None);
+        }
+        self.generated.push(next);
+        self.history.push(next);
+        if let Some(s) = self.stream.as_mut() {
+            let piece = s.push(next)?;
+            if !piece.is_empty() {
+                on_text(&piece);
+                self.text.push_str(&piece);
+            }
+            if self
+                .opts
+                .stop
+                .iter()
+                .any(|st| !st.is_empty() && self.text.contains(st.as_str()))
+            {
+                self.stop = Some(StopReason::StopString);
+                return Ok(None);
+            }
+        }
+        if self.steps == self.opts.max_new_tokens {
+            self.stop = Some(StopReason::MaxTokens);
+            return Ok(None);
+        }
+        if self.prompt_len + self.generated.len() >= self.opts.max_context {
+            self.stop = Some(StopReason::Context);
+            return Ok(None);
+        }
+        Ok(Some(next))
+    }
+
+    /// Flushes the held-back text to `on_text` and returns the result.
+    pub fn finish(mut self, on_text: &mut dyn FnMut(&str)) -> Result<GenerateOutput, RuntimeError> {
+        if let Some(s) = self.stream.as_mut() {
+            let rest = s.finish()?;
+            if !rest.is_empty() {
+                on_text(&rest);
+                self.text.push_str(&rest);
+            }
+        }
+        let decode_s = self.t1.elapsed().as_secs_f64();
+        let prefill_s = self.prefill_s;
+        let n_dec = self.generated.len().saturating_sub(1);
+        Ok(GenerateOutput {
+            prompt_tokens: self.prompt_len,
+            generated_tokens: self.generated.len(),
+            generated_ids: self.generated,
+            text: self.text,
+            stop_reason: self.stop.unwrap_or(StopReason::MaxTokens),
+            timings: Timings {
+                prefill_s,
+                decode_s,
+                time_to_first_token_s: self.ttft,
+                prefill_tokens_per_s: self.prompt_len as f64 / prefill_s.max(1e-9),
+                decode_tokens_per_s: if n_dec > 0 {
+                    n_dec as f64 / decode_s.max(1e-9)
+                } else {
+                    0.0
+                },
+            },
+        })
+    }
+}
+
 /// Generates from `prompt` (ids, BOS included). `on_text` receives streamed text (needs a
 /// tokenizer; without one nothing is streamed and `text` stays empty). `cancel` is polled
 /// between tokens.
@@ -83,109 +262,23 @@ pub fn generate<B: Backend>(
     on_text: &mut dyn FnMut(&str),
     cancel: &dyn Fn() -> bool,
 ) -> Result<GenerateOutput, RuntimeError> {
-    if prompt.is_empty() {
-        return Err(RuntimeError::Input("the prompt is empty".into()));
-    }
-    if !matches!(opts.mode, AttentionMode::Full | AttentionMode::Inference) {
-        return Err(RuntimeError::Input(
-            "generation supports modes `full` and `hici` (Mode I); segmented modes have no \
-             decoding in the reference"
-                .into(),
-        ));
-    }
-    if prompt.len() > opts.max_context {
-        return Err(RuntimeError::Input(format!(
-            "the prompt has {} tokens, more than the context of {} tokens",
-            prompt.len(),
-            opts.max_context
-        )));
-    }
-    let mut sampler = Sampler::new(opts.sampling.clone());
-    let mut stream = tokenizer.map(StreamDecoder::new);
-    let mut text = String::new();
-    let mut generated = Vec::new();
-    let mut history = prompt.to_vec();
-
-    let t0 = Instant::now();
+    let mut seq = Sequence::new(prompt, opts, tokenizer)?;
     let prompt_ids: Vec<i64> = prompt.iter().map(|&x| x as i64).collect();
     let (logits, mut cache) =
         model.prefill_tokens(&prompt_ids, opts.mode, opts.decode_cache, Logits::Last)?;
     // room for every token this call may still append (never past the context): decoding
     // then never reallocates
-    cache.reserve(
-        opts.max_new_tokens
-            .min(opts.max_context - prompt.len())
-            .saturating_sub(1),
-    );
+    cache.reserve(seq.reserve_hint());
     let mut row = to_vec_f32(logits);
-    let prefill_s = t0.elapsed().as_secs_f64();
-    let mut ttft = 0.0;
-    let t1 = Instant::now();
-    let mut stop = StopReason::MaxTokens;
-    for step in 0..opts.max_new_tokens {
+    seq.prefilled();
+    loop {
         if cancel() {
-            stop = StopReason::Interrupted;
-            break;
+            seq.interrupt();
         }
-        let next = sampler.sample(&row, &history, generated.len());
-        if step == 0 {
-            ttft = t0.elapsed().as_secs_f64();
-        }
-        if opts.stop_ids.contains(&next) {
-            stop = StopReason::Eos;
-            break;
-        }
-        generated.push(next);
-        history.push(next);
-        if let Some(s) = stream.as_mut() {
-            let piece = s.push(next)?;
-            if !piece.is_empty() {
-                on_text(&piece);
-                text.push_str(&piece);
-            }
-            if opts
-                .stop
-                .iter()
-                .any(|st| !st.is_empty() && text.contains(st.as_str()))
-            {
-                stop = StopReason::StopString;
-                break;
-            }
-        }
-        if step + 1 == opts.max_new_tokens {
-            break;
-        }
-        if prompt.len() + generated.len() >= opts.max_context {
-            stop = StopReason::Context;
-            break;
-        }
-        row = to_vec_f32(model.decode_tokens(&[next as i64], &mut cache)?);
-    }
-    if let Some(s) = stream.as_mut() {
-        let rest = s.finish()?;
-        if !rest.is_empty() {
-            on_text(&rest);
-            text.push_str(&rest);
+        match seq.advance(&row, on_text)? {
+            Some(next) => row = to_vec_f32(model.decode_tokens(&[next as i64], &mut cache)?),
+            None => break,
         }
     }
-    let decode_s = t1.elapsed().as_secs_f64();
-    let n_dec = generated.len().saturating_sub(1);
-    Ok(GenerateOutput {
-        prompt_tokens: prompt.len(),
-        generated_tokens: generated.len(),
-        generated_ids: generated,
-        text,
-        stop_reason: stop,
-        timings: Timings {
-            prefill_s,
-            decode_s,
-            time_to_first_token_s: ttft,
-            prefill_tokens_per_s: prompt.len() as f64 / prefill_s.max(1e-9),
-            decode_tokens_per_s: if n_dec > 0 {
-                n_dec as f64 / decode_s.max(1e-9)
-            } else {
-                0.0
-            },
-        },
-    })
+    seq.finish(on_text)
 }

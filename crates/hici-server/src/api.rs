@@ -51,18 +51,75 @@ pub struct AppState {
     next_id: AtomicU64,
     /// Unix time the server started (`created` of the model).
     started: u32,
+    kv: KvBudget,
+}
+
+/// KV-cache bytes reserved by queued and running requests, against an optional budget.
+pub struct KvBudget {
+    budget: Option<u64>,
+    reserved: Mutex<u64>,
+}
+
+impl KvBudget {
+    pub fn new(budget: Option<u64>) -> Self {
+        Self {
+            budget,
+            reserved: Mutex::new(0),
+        }
+    }
+
+    /// Reserves `need` bytes: 400 if it exceeds the whole budget, 429 if it does not fit now.
+    pub fn reserve(&self, need: u64) -> Result<(), ApiError> {
+        let Some(budget) = self.budget else {
+            return Ok(());
+        };
+        if need > budget {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!(
+                    "prompt + max_tokens need {:.1} MiB of KV cache, more than the server's \
+                     whole budget of {:.1} MiB; ask for fewer tokens",
+                    need as f64 / 1048576.0,
+                    budget as f64 / 1048576.0
+                ),
+            ));
+        }
+        let mut r = self
+            .reserved
+            .lock()
+            .map_err(|_| ApiError::internal("KV budget lock poisoned"))?;
+        if *r + need > budget {
+            return Err(ApiError::kv_budget_full(need, budget - *r));
+        }
+        *r += need;
+        Ok(())
+    }
+
+    pub fn release(&self, need: u64) {
+        if self.budget.is_some() {
+            if let Ok(mut r) = self.reserved.lock() {
+                *r = r.saturating_sub(need);
+            }
+        }
+    }
+
+    /// Bytes reserved now.
+    pub fn reserved(&self) -> u64 {
+        self.reserved.lock().map(|r| *r).unwrap_or(0)
+    }
 }
 
 impl AppState {
     pub fn new(cfg: ServerConfig, worker: Worker, metrics: Metrics) -> Self {
         Self {
-            cfg,
             worker,
             metrics,
             draining: AtomicBool::new(false),
             in_flight: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             started: unix_now(),
+            kv: KvBudget::new(cfg.kv_budget_bytes),
+            cfg,
         }
     }
 
@@ -91,6 +148,8 @@ struct Registration {
     state: Arc<AppState>,
     id: u64,
     token: CancelToken,
+    /// KV-cache bytes reserved for it.
+    kv_bytes: u64,
 }
 
 impl Registration {
@@ -104,6 +163,7 @@ impl Registration {
             state: state.clone(),
             id,
             token,
+            kv_bytes: 0,
         }
     }
 }
@@ -113,6 +173,7 @@ impl Drop for Registration {
         if let Ok(mut m) = self.state.in_flight.lock() {
             m.remove(&self.id);
         }
+        self.state.kv.release(self.kv_bytes);
         drop(CancelOnDrop(self.token.clone()));
     }
 }
@@ -190,6 +251,8 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
             "context": r.ctx,
             "queued": state.worker.queued(),
             "in_flight": state.in_flight(),
+            "kv_reserved_bytes": state.kv.reserved(),
+            "kv_budget_bytes": state.cfg.kv_budget_bytes,
         }))
         .into_response(),
     }
@@ -677,7 +740,12 @@ async fn run(
     kind: Kind,
     arrived: Instant,
 ) -> Result<Response, ApiError> {
-    let reg = Registration::new(&state);
+    let need = state.worker.ready().map_or(0, |r| {
+        r.info.kv_bytes(prep.prompt.len(), prep.max_new_tokens)
+    });
+    state.kv.reserve(need)?;
+    let mut reg = Registration::new(&state);
+    reg.kv_bytes = need;
     let (tx, mut rx) = mpsc::unbounded_channel();
     state.worker.submit(Job {
         prompt: prep.prompt,
@@ -920,4 +988,23 @@ fn json_event<T: serde::Serialize>(v: &T) -> SseEvent {
             .body()
             .to_string()
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_budget_refuses_what_does_not_fit() {
+        let b = KvBudget::new(Some(100));
+        assert!(b.reserve(60).is_ok());
+        let e = b.reserve(50).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (429, Some("kv_cache_full")));
+        assert_eq!(b.reserve(101).unwrap_err().status.as_u16(), 400);
+        b.release(60);
+        assert!(b.reserve(100).is_ok());
+        assert_eq!(b.reserved(), 100);
+        let open = KvBudget::new(None);
+        assert!(open.reserve(u64::MAX).is_ok());
+    }
 }

@@ -89,6 +89,23 @@ impl ApiError {
         e
     }
 
+    /// 429: the KV-cache budget is taken by other requests now.
+    pub fn kv_budget_full(need: u64, free: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            format!(
+                "the request needs {:.1} MiB of KV cache and {:.1} MiB of the server's budget \
+                 are free now; retry later",
+                need as f64 / 1048576.0,
+                free as f64 / 1048576.0
+            ),
+        );
+        e.code = Some("kv_cache_full");
+        e.retry_after = Some(1);
+        e
+    }
+
     pub fn unavailable(message: impl Into<String>) -> Self {
         let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message);
         e.retry_after = Some(1);

@@ -3,9 +3,9 @@
 //! `POST /v1/chat/completions` (messages rendered with the model's chat template) and
 //! `POST /v1/completions`, plain and streamed (server-sent events); `GET /v1/models`;
 //! `GET /health` (503 while the model loads, 200 when ready); `GET /metrics` (Prometheus text).
-//! Errors use OpenAI's JSON shape. One engine thread owns the model and runs queued requests
-//! first-in first-out, one decode stream at a time; a request whose client goes away is
-//! cancelled and its cache freed. [`serve`] returns when `shutdown` resolves and in-flight
+//! Errors use OpenAI's JSON shape. One engine thread owns the model, admits queued requests
+//! first-in first-out between decode steps and decodes up to `max_batch` of them together
+//! (continuous batching); a request whose client goes away is cancelled and its cache freed. [`serve`] returns when `shutdown` resolves and in-flight
 //! requests have finished (or were cancelled after the grace period).
 
 mod api;
@@ -33,6 +33,12 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
     /// Requests waiting for the engine at most; more get 429.
     pub max_queue: usize,
+    /// Sequences decoded together at most (continuous batching; 1 = one at a time).
+    pub max_batch: usize,
+    /// KV-cache bytes all queued and running requests may reserve together (each reserves
+    /// what its prompt + `max_tokens` can fill); a request that does not fit now gets 429, one
+    /// that can never fit 400. `None`: no limit.
+    pub kv_budget_bytes: Option<u64>,
     /// Context limit for prompt + generation (at most the model's; `None`: the model's).
     pub ctx: Option<usize>,
     /// The model id clients name (`model` field) and `/v1/models` lists.
@@ -46,13 +52,15 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
-    /// Defaults for a model id: loopback, port 8080, open, queue 64, the model's context,
+    /// Defaults for a model id: loopback, port 8080, open, queue 64, batch 8, the model's context,
     /// 8 MiB bodies, 30 s grace, 10 s keep-alive.
     pub fn new(model_id: impl Into<String>) -> Self {
         Self {
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_key: None,
             max_queue: 64,
+            max_batch: 8,
+            kv_budget_bytes: None,
             ctx: None,
             model_id: model_id.into(),
             max_body_bytes: 8 << 20,

@@ -1,10 +1,12 @@
-//! The engine thread: loads the model, then runs queued jobs one at a time (FIFO), streaming
-//! each job's text back over its own channel.
+//! The engine thread: loads the model, then runs queued jobs (admitted FIFO) in a continuous
+//! batch of up to `max_batch` sequences, streaming each job's text back over its own channel.
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::ServerConfig;
-use hici_engine::{load_engine, CancelToken, EngineInfo, GenerateOutput, LoadSpec};
+use hici_engine::{
+    load_engine, BatchJob, CancelToken, EngineInfo, GenerateOutput, LoadSpec, Scheduler, Sink,
+};
 use hici_runtime::sampler::SamplingConfig;
 use hici_runtime::template::ChatFormat;
 use hici_runtime::tokenizer::HiciTokenizer;
@@ -155,62 +157,107 @@ fn engine_thread(
         info.device
     );
     let chat = engine.chat();
+    let base = engine.options(0, SamplingConfig::default());
+    let tok = tokenizer.clone();
     let _ = ready.set(Ready {
         tokenizer,
         chat,
         info,
         ctx,
     });
-    while let Some(job) = rx.blocking_recv() {
+    let mut engine = engine;
+    let mut sched = Scheduler::new(engine.as_mut(), Some(&tok), cfg.max_batch);
+    let admit = |sched: &mut Scheduler<'_, '_>, job: Job| {
         let left = queued.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
         metrics.queue_depth(left);
         if job.cancel.is_cancelled() || job.events.is_closed() {
-            continue;
+            return;
         }
-        let waited = job.arrived.elapsed().as_secs_f64();
-        let mut opts = engine.options(job.max_new_tokens, job.sampling.clone());
-        opts.stop = job.stop.clone();
+        let mut opts = base.clone();
+        opts.max_new_tokens = job.max_new_tokens;
+        opts.sampling = job.sampling;
+        opts.stop = job.stop;
         opts.max_context = ctx;
-        let mut last: Option<Instant> = None;
-        let events = job.events.clone();
-        let cancel = job.cancel.clone();
-        let mut on_text = |s: &str| {
-            let now = Instant::now();
-            match last {
-                None => metrics.time_to_first_token(job.arrived.elapsed().as_secs_f64()),
-                Some(t) => metrics.inter_token_latency((now - t).as_secs_f64()),
-            }
-            last = Some(now);
-            if events.send(Event::Text(s.to_string())).is_err() {
-                cancel.cancel();
-            }
+        let sink = JobSink {
+            events: job.events,
+            metrics: metrics.clone(),
+            arrived: job.arrived,
+            waited: job.arrived.elapsed().as_secs_f64(),
+            last: None,
         };
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            engine.generate(&job.prompt, &opts, &mut on_text, &job.cancel)
+            sched.admit(BatchJob {
+                prompt: job.prompt,
+                opts,
+                cancel: job.cancel,
+                sink: Box::new(sink),
+            })
         }));
-        match run {
-            Ok(Ok(out)) => {
-                metrics.tokens(out.prompt_tokens, out.generated_tokens);
+        if run.is_err() {
+            tracing::error!("the engine panicked while admitting a request; it keeps serving");
+        }
+    };
+    loop {
+        if sched.is_empty() {
+            match rx.blocking_recv() {
+                Some(job) => admit(&mut sched, job),
+                None => return,
+            }
+        }
+        while sched.has_room() {
+            match rx.try_recv() {
+                Ok(job) => admit(&mut sched, job),
+                Err(_) => break,
+            }
+        }
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sched.step()));
+        if run.is_err() {
+            tracing::error!("the engine panicked in a decode step; it keeps serving");
+        }
+    }
+}
+
+/// Reports one request's progress to its HTTP handler and to the metrics.
+struct JobSink {
+    events: mpsc::UnboundedSender<Event>,
+    metrics: Metrics,
+    arrived: Instant,
+    /// Seconds it waited in the queue.
+    waited: f64,
+    last: Option<Instant>,
+}
+
+impl Sink for JobSink {
+    fn text(&mut self, piece: &str) -> bool {
+        let now = Instant::now();
+        match self.last {
+            None => self
+                .metrics
+                .time_to_first_token(self.arrived.elapsed().as_secs_f64()),
+            Some(t) => self.metrics.inter_token_latency((now - t).as_secs_f64()),
+        }
+        self.last = Some(now);
+        self.events.send(Event::Text(piece.to_string())).is_ok()
+    }
+
+    fn done(&mut self, result: Result<GenerateOutput, String>) {
+        match result {
+            Ok(out) => {
+                self.metrics.tokens(out.prompt_tokens, out.generated_tokens);
                 tracing::info!(
                     "request done: {} prompt + {} generated tokens, stop {:?}, queued {:.3} s, \
                      first token after {:.3} s, decode {:.1} tok/s",
                     out.prompt_tokens,
                     out.generated_tokens,
                     out.stop_reason,
-                    waited,
-                    waited + out.timings.time_to_first_token_s,
+                    self.waited,
+                    self.waited + out.timings.time_to_first_token_s,
                     out.timings.decode_tokens_per_s
                 );
-                let _ = job.events.send(Event::Done(Box::new(out)));
+                let _ = self.events.send(Event::Done(Box::new(out)));
             }
-            Ok(Err(e)) => {
-                let _ = job.events.send(Event::Failed(e.to_string()));
-            }
-            Err(_) => {
-                tracing::error!("the engine panicked on a request; it keeps serving");
-                let _ = job
-                    .events
-                    .send(Event::Failed("internal error in the engine".into()));
+            Err(msg) => {
+                let _ = self.events.send(Event::Failed(msg));
             }
         }
     }

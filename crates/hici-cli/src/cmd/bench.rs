@@ -70,6 +70,11 @@ pub struct BenchArgs {
     /// Seed of the synthetic weights and of the random prompts.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also measure continuous batching: N streams (each a --prompt-len prompt, prefilled one
+    /// after another, then --gen-len tokens decoded together in one batch) for each N given,
+    /// e.g. `--concurrency 1,4,8,16`: aggregate and per-stream decode tok/s, time to first token.
+    #[arg(long, value_delimiter = ',')]
+    pub concurrency: Vec<usize>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -272,6 +277,46 @@ struct RowSpec {
     depth: usize,
     gen: usize,
     segments: usize,
+}
+
+/// `c` streams of `r.prompt` random tokens: prefilled one after another, then `r.gen` tokens
+/// each decoded in `r.gen` batched steps. Returns (time to first token of each stream since
+/// the start, decode seconds).
+fn run_concurrent<B: Backend>(
+    model: &HiciLlama<B>,
+    r: &RowSpec,
+    c: usize,
+    m: &ModelArgs,
+    rng: &mut XorShift,
+    cancel: &CancelToken,
+) -> Result<(Vec<f64>, f64)> {
+    let vocab = model.vocab_size();
+    let mode = attention_mode(r.mode, r.segments);
+    let t0 = Instant::now();
+    let mut caches = Vec::with_capacity(c);
+    let mut next = Vec::with_capacity(c);
+    let mut ttft = Vec::with_capacity(c);
+    for _ in 0..c {
+        let prompt = random_ids(rng, r.prompt, vocab);
+        let (logits, mut cache) =
+            model.prefill_tokens(&prompt, mode, m.decode_cache(), Logits::Last)?;
+        cache.reserve(r.gen);
+        next.push(argmax(&to_vec_f32(logits)));
+        ttft.push(t0.elapsed().as_secs_f64());
+        caches.push(cache);
+    }
+    let t1 = Instant::now();
+    for _ in 0..r.gen {
+        if cancel.is_cancelled() {
+            break;
+        }
+        let mut refs: Vec<_> = caches.iter_mut().collect();
+        let rows = to_vec_f32(model.decode_batch(&next, &mut refs)?);
+        for (n, row) in next.iter_mut().zip(rows.chunks(vocab)) {
+            *n = argmax(row);
+        }
+    }
+    Ok((ttft, t1.elapsed().as_secs_f64()))
 }
 
 fn run_once<B: Backend>(
@@ -733,8 +778,70 @@ pub fn run<B: Backend>(
             }
         }
     }
+    let mut conc_rows = Vec::new();
+    'conc: for &mode in modes.iter().filter(|&&md| has_decode(md)) {
+        for &p in &a.prompt_len {
+            for &c in &a.concurrency {
+                if cancel.is_cancelled() || c == 0 || a.gen_len == 0 {
+                    break 'conc;
+                }
+                let spec = RowSpec {
+                    mode,
+                    prompt: p,
+                    depth: 0,
+                    gen: a.gen_len,
+                    segments: m.segments,
+                };
+                let name = mode_name(mode);
+                eprintln!("bench: {name} prompt {p}, {c} concurrent streams");
+                let mut rng = XorShift::new(a.seed ^ (p as u64).wrapping_mul(0x51ed_270b));
+                let (mut agg, mut per, mut ttft_ms) = (Vec::new(), Vec::new(), Vec::new());
+                for it in 0..a.warmup + a.iters {
+                    let (ttft, dec) = run_concurrent(&model, &spec, c, m, &mut rng, cancel)
+                        .with_context(|| format!("{name}, prompt {p}, {c} streams"))?;
+                    if it >= a.warmup && !cancel.is_cancelled() {
+                        agg.push((c * a.gen_len) as f64 / dec);
+                        per.push(a.gen_len as f64 / dec);
+                        ttft_ms.extend(ttft.iter().map(|t| t * 1e3));
+                    }
+                }
+                if agg.is_empty() {
+                    break 'conc;
+                }
+                conc_rows.push(json!({
+                    "mode": name,
+                    "prompt_len": p,
+                    "gen_len": a.gen_len,
+                    "concurrency": c,
+                    "iters": agg.len(),
+                    "aggregate_tokens_per_s": stats(&agg),
+                    "per_stream_tokens_per_s": stats(&per),
+                    "ttft_ms": stats(&ttft_ms),
+                    "note": "prompts prefilled one after another (stream i's first token waits \
+                             for i earlier prefills), then all streams decoded together",
+                }));
+            }
+        }
+    }
     eprintln!();
     print_table(&rows);
+    if !conc_rows.is_empty() {
+        eprintln!(
+            "\n| mode | prompt | streams | aggregate tok/s | per-stream tok/s | TTFT ms (mean) |"
+        );
+        eprintln!("|---|---:|---:|---:|---:|---:|");
+        for r in &conc_rows {
+            eprintln!(
+                "| {} | {} | {} | {:.1} | {:.1} | {:.0} |",
+                r["mode"].as_str().unwrap_or(""),
+                r["prompt_len"],
+                r["concurrency"],
+                r["aggregate_tokens_per_s"]["mean"].as_f64().unwrap_or(0.0),
+                r["per_stream_tokens_per_s"]["mean"].as_f64().unwrap_or(0.0),
+                r["ttft_ms"]["mean"].as_f64().unwrap_or(0.0),
+            );
+        }
+    }
     if m.json {
         let doc = json!({
             "schema": "hici-bench/1",
@@ -765,10 +872,12 @@ pub fn run<B: Backend>(
                 "segments": m.segments,
                 "decode_cache": m.decode_cache.to_possible_value().map(|v| v.get_name().to_string()),
                 "seed": a.seed,
+                "concurrency": a.concurrency,
                 "logits": "last position only",
             },
             "interrupted": interrupted,
             "results": rows,
+            "concurrency_results": conc_rows,
         });
         println!("{}", serde_json::to_string_pretty(&doc)?);
     }

@@ -11,8 +11,8 @@ use std::time::Duration;
 #[command(
     after_help = "Endpoints: POST /v1/chat/completions, POST /v1/completions (both with \
 \"stream\": true for server-sent events), GET /v1/models, GET /health (503 while loading), GET \
-/metrics (Prometheus). Point an OpenAI client at http://HOST:PORT/v1. Requests run one at a \
-time in arrival order; Ctrl-C or SIGTERM stops accepting, lets running requests finish within \
+/metrics (Prometheus). Point an OpenAI client at http://HOST:PORT/v1. Requests are admitted in \
+arrival order and decoded together, up to --max-batch at a time; Ctrl-C or SIGTERM stops accepting, lets running requests finish within \
 --grace seconds, and exits 0."
 )]
 pub struct ServeArgs {
@@ -28,6 +28,14 @@ pub struct ServeArgs {
     /// Requests that may wait for the engine; more get 429 (Retry-After).
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
+    /// Sequences decoded together at most (continuous batching; 1: one at a time).
+    #[arg(long, default_value_t = 8)]
+    pub max_batch: usize,
+    /// KV-cache memory (MiB) queued and running requests may reserve together; a request that
+    /// does not fit now gets 429, one that never fits 400 (default on the CPU: half the memory
+    /// available at start; on a GPU: no limit).
+    #[arg(long, value_name = "MIB")]
+    pub kv_budget_mib: Option<f64>,
     /// Context limit for prompt + generated tokens (default and maximum: the model's).
     #[arg(long)]
     pub ctx: Option<usize>,
@@ -61,6 +69,14 @@ pub fn run(m: &ModelArgs, a: &ServeArgs) -> Result<()> {
     if a.max_queue == 0 {
         bail!("--max-queue must be at least 1");
     }
+    if a.max_batch == 0 {
+        bail!("--max-batch must be at least 1");
+    }
+    if let Some(b) = a.kv_budget_mib {
+        if !(b.is_finite() && b > 0.0) {
+            bail!("--kv-budget-mib must be a positive number of MiB, got {b}");
+        }
+    }
     if a.ctx == Some(0) {
         bail!("--ctx must be at least 1");
     }
@@ -73,7 +89,7 @@ pub fn run(m: &ModelArgs, a: &ServeArgs) -> Result<()> {
     let mut spec = m.spec();
     spec.progress = false;
     crate::backend::check_available(spec.device)?;
-    crate::load::check_fusion(&spec)?;
+    crate::load::check_fusion(&spec).context("--dtype / --fusion")?;
     let addr = SocketAddr::new(a.host, a.port);
     if a.api_key.is_none() && !a.host.is_loopback() {
         tracing::warn!(
@@ -89,6 +105,12 @@ pub fn run(m: &ModelArgs, a: &ServeArgs) -> Result<()> {
     cfg.addr = addr;
     cfg.api_key = a.api_key.clone();
     cfg.max_queue = a.max_queue;
+    cfg.max_batch = a.max_batch;
+    cfg.kv_budget_bytes = match a.kv_budget_mib {
+        Some(mib) => Some((mib * 1048576.0) as u64),
+        None if m.device == crate::backend::DeviceChoice::Ndarray => mem_available().map(|b| b / 2),
+        None => None,
+    };
     cfg.ctx = a.ctx;
     cfg.max_body_bytes = a.max_body;
     cfg.grace = Duration::from_secs_f64(a.grace);
@@ -105,6 +127,14 @@ pub fn run(m: &ModelArgs, a: &ServeArgs) -> Result<()> {
     })?;
     eprintln!("hici serve: stopped");
     Ok(())
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes (Linux).
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Resolves on the first Ctrl-C or SIGTERM.
