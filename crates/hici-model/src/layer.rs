@@ -322,11 +322,12 @@ impl<B: Backend> SelfAttention<B> {
 }
 
 impl<B: Backend> SelfAttention<B> {
-    /// One decode step for `n` independent sequences: `x: [n, 1, H]`, row `i` at the position
-    /// of row `i` of the tables `cos`/`sin` (`[n, 1, hd]`), attending over its own cache
-    /// `caches[i]` (any length; keys past it are never seen) plus itself. The projections run
-    /// once for all rows (the weights are read once per step); attention runs per sequence.
-    /// Appends each row's K/V to its cache. Returns `[n, 1, H]`.
+    /// One decode step for `n` independent sequences laid out as rows: `x: [1, n, H]`, row `i`
+    /// at the position of row `i` of the tables `cos`/`sin` (`[1, n, hd]`), attending over its
+    /// own cache `caches[i]` (any length; keys past it are never seen) plus itself. The
+    /// projections run once for all rows as one `[n, H]` GEMM (the weights are read and packed
+    /// once per step); attention runs per sequence. Appends each row's K/V to its cache.
+    /// Returns `[1, n, H]`.
     pub fn forward_decode_batch(
         &self,
         x: Tensor<B, 3>,
@@ -335,8 +336,9 @@ impl<B: Backend> SelfAttention<B> {
         caches: &mut [&mut LayerCache<B>],
         kernel: AttentionKernel,
     ) -> Tensor<B, 3> {
-        let [n, s, _] = x.dims();
-        debug_assert_eq!((s, caches.len()), (1, n));
+        let [one, n, _] = x.dims();
+        debug_assert_eq!((one, caches.len()), (1, n));
+        // [1, heads, n, hd]: the sequence axis of one batch row holds the n sequences
         let q = apply_rope(
             self.split_heads(self.q_proj.forward(x.clone()), self.n_heads),
             cos,
@@ -352,9 +354,9 @@ impl<B: Backend> SelfAttention<B> {
             .iter_mut()
             .enumerate()
             .map(|(i, cache)| {
-                cache.append(k.clone().narrow(0, i, 1), v.clone().narrow(0, i, 1));
+                cache.append(k.clone().narrow(2, i, 1), v.clone().narrow(2, i, 1));
                 attend(
-                    q.clone().narrow(0, i, 1),
+                    q.clone().narrow(2, i, 1),
                     cache.keys(),
                     cache.values(),
                     kernel,
@@ -364,11 +366,11 @@ impl<B: Backend> SelfAttention<B> {
         let o = if outs.len() == 1 {
             outs.into_iter().next().expect("one row")
         } else {
-            Tensor::cat(outs, 0)
+            Tensor::cat(outs, 2)
         };
         self.o_proj.forward(
             o.swap_dims(1, 2)
-                .reshape([n, s, self.n_heads * self.head_dim]),
+                .reshape([1, n, self.n_heads * self.head_dim]),
         )
     }
 }

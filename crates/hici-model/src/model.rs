@@ -444,15 +444,17 @@ impl<B: Backend> HiciLlama<B> {
         }
         self.check_host_ids(ids)?;
         let device = self.device();
-        let ids_t = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [n, 1]), &device);
+        // the n sequences are the rows of one batch entry: `[1, n, H]` hidden states, so every
+        // linear layer is one [n, H] x [H, out] product
+        let ids_t = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [1, n]), &device);
         let mut x = self.embed(ids_t);
         let tables: Vec<_> = caches
             .iter()
             .map(|c| self.rope.tables_for::<B>(c.next_position, 1, &device))
             .collect();
         let stack = |f: fn(&crate::rope::RopeTables<B>) -> Tensor<B, 2>| {
-            let rows: Vec<Tensor<B, 3>> = tables.iter().map(|t| f(t).unsqueeze_dim(0)).collect();
-            Tensor::cat(rows, 0)
+            let rows: Vec<Tensor<B, 2>> = tables.iter().map(f).collect();
+            Tensor::cat(rows, 0).unsqueeze_dim::<3>(0)
         };
         let cos = stack(|t| t.cos.clone());
         let sin = stack(|t| t.sin.clone());
@@ -468,6 +470,7 @@ impl<B: Backend> HiciLlama<B> {
         for c in caches.iter_mut() {
             c.next_position += 1;
         }
-        Ok(self.head(x, Logits::All))
+        let v = self.vocab_size();
+        Ok(self.head(x, Logits::All).reshape([n, 1, v]))
     }
 }
