@@ -1,14 +1,19 @@
 //! Continuous batching: many generations decoded together, one forward pass per step.
 //!
-//! New requests are admitted (prefilled) between decode steps; every step feeds each active
-//! sequence's last token through [`Engine::decode_batch`] at once; a sequence that finishes or
-//! is cancelled leaves the batch and frees its cache immediately. Each sequence samples with
-//! its own sampler from its own logits, so it produces what it would alone.
+//! New requests are admitted (prefilled) between decode steps; a long full-attention prompt is
+//! prefilled in chunks, one chunk per step, so the streams already decoding are not stalled for
+//! its whole prefill (a HiCI Mode I prompt is one segment by definition and is prefilled at
+//! once). Every step feeds each active sequence's last token through [`Engine::decode_batch`]
+//! at once; a sequence that finishes or is cancelled leaves the batch and frees its cache
+//! immediately. Each sequence samples with its own sampler from its own logits, so it produces
+//! what it would alone.
 
 use crate::engine::Engine;
+use hici_model::AttentionMode;
 use hici_runtime::cancel::CancelToken;
 use hici_runtime::generate::{GenerateOptions, GenerateOutput, Sequence};
 use hici_runtime::tokenizer::HiciTokenizer;
+use std::collections::VecDeque;
 
 /// Where a batched generation reports to.
 pub trait Sink {
@@ -36,12 +41,28 @@ struct Active<'t> {
     sink: Box<dyn Sink>,
 }
 
+/// A sequence whose prompt is still being prefilled chunk by chunk.
+struct Prefilling<'t> {
+    id: u64,
+    seq: Sequence<'t>,
+    prompt: Vec<u32>,
+    /// Prompt tokens already in the cache.
+    done: usize,
+    cancel: CancelToken,
+    sink: Box<dyn Sink>,
+}
+
+/// Prompt tokens prefilled per step by default.
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
+
 /// Runs up to `max_batch` generations together on one engine.
 pub struct Scheduler<'e, 't> {
     engine: &'e mut dyn Engine,
     tokenizer: Option<&'t HiciTokenizer>,
     active: Vec<Active<'t>>,
+    prefilling: VecDeque<Prefilling<'t>>,
     max_batch: usize,
+    prefill_chunk: usize,
     next_id: u64,
 }
 
@@ -64,23 +85,31 @@ impl<'e, 't> Scheduler<'e, 't> {
             engine,
             tokenizer,
             active: Vec::new(),
+            prefilling: VecDeque::new(),
             max_batch: max_batch.max(1),
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
             next_id: 1,
         }
     }
 
-    /// Sequences decoding now.
+    /// Prompt tokens of a full-attention prompt prefilled per step (at least 1).
+    pub fn with_prefill_chunk(mut self, chunk: usize) -> Self {
+        self.prefill_chunk = chunk.max(1);
+        self
+    }
+
+    /// Sequences admitted and not finished (decoding or still prefilling).
     pub fn len(&self) -> usize {
-        self.active.len()
+        self.active.len() + self.prefilling.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.active.is_empty()
+        self.len() == 0
     }
 
     /// Whether another sequence may join.
     pub fn has_room(&self) -> bool {
-        self.active.len() < self.max_batch
+        self.len() < self.max_batch
     }
 
     /// Prefills `job` and adds it to the batch (or finishes it at once: an error, a stop on the
@@ -96,6 +125,27 @@ impl<'e, 't> Scheduler<'e, 't> {
         };
         let id = self.next_id;
         self.next_id += 1;
+        let chunked = job.opts.mode == AttentionMode::Full && job.prompt.len() > self.prefill_chunk;
+        if chunked {
+            let first = &job.prompt[..self.prefill_chunk];
+            let rest = job.prompt.len() - first.len();
+            if let Err(e) = self
+                .engine
+                .prefill(id, first, &job.opts, seq.reserve_hint() + rest)
+            {
+                self.engine.release(id);
+                return job.sink.done(Err(e.to_string()));
+            }
+            self.prefilling.push_back(Prefilling {
+                id,
+                seq,
+                done: self.prefill_chunk,
+                prompt: job.prompt,
+                cancel: job.cancel,
+                sink: job.sink,
+            });
+            return;
+        }
         let row = match self
             .engine
             .prefill(id, &job.prompt, &job.opts, seq.reserve_hint())
@@ -107,29 +157,71 @@ impl<'e, 't> Scheduler<'e, 't> {
             }
         };
         seq.prefilled();
-        let step = seq.advance(&row, &mut streamer(job.sink.as_mut(), &job.cancel));
+        self.start(id, seq, &row, job.cancel, job.sink);
+    }
+
+    /// The first token after a finished prefill: the sequence joins the batch, or ends.
+    fn start(
+        &mut self,
+        id: u64,
+        mut seq: Sequence<'t>,
+        row: &[f32],
+        cancel: CancelToken,
+        mut sink: Box<dyn Sink>,
+    ) {
+        let step = seq.advance(row, &mut streamer(sink.as_mut(), &cancel));
         match step {
             Ok(Some(next)) => self.active.push(Active {
                 id,
                 seq,
                 next,
-                cancel: job.cancel,
-                sink: job.sink,
+                cancel,
+                sink,
             }),
             Ok(None) => {
                 self.engine.release(id);
-                finish(seq, job.sink.as_mut(), &job.cancel);
+                finish(seq, sink.as_mut(), &cancel);
             }
             Err(e) => {
                 self.engine.release(id);
-                job.sink.done(Err(e.to_string()));
+                sink.done(Err(e.to_string()));
             }
         }
     }
 
-    /// One decode step for every active sequence. Cancelled sequences leave first (stop
-    /// reason `interrupted`), finished ones after the step; both free their caches.
+    /// Prefills the next chunk of the oldest chunked prompt; when it is complete the sequence
+    /// samples its first token and joins the batch.
+    fn prefill_step(&mut self) {
+        let Some(mut p) = self.prefilling.pop_front() else {
+            return;
+        };
+        if p.cancel.is_cancelled() {
+            p.seq.interrupt();
+            self.engine.release(p.id);
+            return finish(p.seq, p.sink.as_mut(), &p.cancel);
+        }
+        let end = (p.done + self.prefill_chunk).min(p.prompt.len());
+        let row = match self.engine.extend(p.id, &p.prompt[p.done..end]) {
+            Ok(r) => r,
+            Err(e) => {
+                self.engine.release(p.id);
+                return p.sink.done(Err(e.to_string()));
+            }
+        };
+        p.done = end;
+        if end < p.prompt.len() {
+            self.prefilling.push_front(p);
+            return;
+        }
+        p.seq.prefilled();
+        self.start(p.id, p.seq, &row, p.cancel, p.sink);
+    }
+
+    /// One step: the next chunk of a chunked prefill (if any), then one decode step for every
+    /// active sequence. Cancelled sequences leave first (stop reason `interrupted`), finished
+    /// ones after the step; both free their caches.
     pub fn step(&mut self) {
+        self.prefill_step();
         let mut keep = Vec::with_capacity(self.active.len());
         for mut a in std::mem::take(&mut self.active) {
             if a.cancel.is_cancelled() {
@@ -175,12 +267,17 @@ impl<'e, 't> Scheduler<'e, 't> {
         }
     }
 
-    /// Cancels and finishes every active sequence.
+    /// Cancels and finishes every admitted sequence.
     pub fn cancel_all(&mut self) {
         for a in &self.active {
             a.cancel.cancel();
         }
-        self.step();
+        for p in &self.prefilling {
+            p.cancel.cancel();
+        }
+        while !self.is_empty() {
+            self.step();
+        }
     }
 }
 

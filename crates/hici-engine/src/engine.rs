@@ -74,6 +74,10 @@ pub trait Engine {
         reserve: usize,
     ) -> Result<Vec<f32>, RuntimeError>;
 
+    /// Batched generation, chunked prefill: appends `tokens` (the next chunk of a prompt,
+    /// full attention) to the cache under `id`; returns the logits row `[V]` of the last one.
+    fn extend(&mut self, id: u64, tokens: &[u32]) -> Result<Vec<f32>, RuntimeError>;
+
     /// Batched generation, step 2: one decode step for every `(id, token)` at once (the
     /// weights are read once); returns each sequence's logits row `[V]`, in order.
     fn decode_batch(&mut self, items: &[(u64, u32)]) -> Result<Vec<Vec<f32>>, RuntimeError>;
@@ -140,6 +144,17 @@ impl<B: Backend> Engine for Typed<B> {
         cache.reserve(reserve);
         self.caches.insert(id, cache);
         Ok(to_vec_f32(logits))
+    }
+
+    fn extend(&mut self, id: u64, tokens: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+        let cache = self
+            .caches
+            .get_mut(&id)
+            .ok_or_else(|| RuntimeError::Input(format!("no cache for sequence {id}")))?;
+        let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
+        let logits = self.loaded.model.decode_tokens(&ids, cache)?;
+        let s = logits.dims()[1];
+        Ok(to_vec_f32(logits.narrow(1, s - 1, 1)))
     }
 
     fn decode_batch(&mut self, items: &[(u64, u32)]) -> Result<Vec<Vec<f32>>, RuntimeError> {

@@ -10,7 +10,7 @@ pub mod embedded;
 mod engine;
 pub mod load;
 
-pub use batch::{BatchJob, Scheduler, Sink};
+pub use batch::{BatchJob, Scheduler, Sink, DEFAULT_PREFILL_CHUNK};
 pub use device::DeviceChoice;
 pub use engine::{load_engine, Engine, EngineInfo};
 pub use hici_runtime::cancel::CancelToken;

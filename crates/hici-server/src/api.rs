@@ -195,6 +195,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             count_requests,
         ))
         .layer(DefaultBodyLimit::max(state.cfg.max_body_bytes))
+        // one span per request (`HICI_LOG=tower_http=debug` shows them)
+        .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
 
