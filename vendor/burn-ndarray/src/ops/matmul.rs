@@ -29,6 +29,30 @@ pub(crate) fn matmul<E: NdArrayElement>(
     let lhs_array = NdArrayOps::reshape(lhs, Shape::new([num_l_batches, m, k]));
     let rhs_array = NdArrayOps::reshape(rhs, Shape::new([num_r_batches, k, n]));
 
+    // HiCI patch: one product with few left rows (a decode step) streams the right operand
+    // instead of packing it (see `matvec`).
+    #[cfg(feature = "std")]
+    if m <= super::matvec::MAX_ROWS {
+        let small = if num_out_batches == 1 {
+            let lhs_slice = lhs_array.slice(s!(0, .., ..));
+            let rhs_slice = rhs_array.slice(s!(0, .., ..));
+            super::matvec::try_small_m(&lhs_slice, &rhs_slice)
+                .map(|out| out.into_shared().into_dyn())
+        } else if num_l_batches == num_out_batches && num_r_batches == num_out_batches {
+            // batched without broadcasting (e.g. decode attention: one entry per KV head)
+            let lhs3 = lhs_array.view().into_dimensionality::<ndarray::Ix3>().ok();
+            let rhs3 = rhs_array.view().into_dimensionality::<ndarray::Ix3>().ok();
+            lhs3.zip(rhs3)
+                .and_then(|(l, r)| super::matvec::try_small_m_batched(&l, &r))
+                .map(|out| out.into_shared().into_dyn())
+        } else {
+            None
+        };
+        if let Some(out) = small {
+            return NdArrayOps::reshape(out, out_shape);
+        }
+    }
+
     let alpha: E = 1.0.elem();
     let beta: E = 0.0.elem();
 

@@ -17,6 +17,9 @@ pub(crate) mod grid_sample;
 pub(crate) mod interpolate;
 pub(crate) mod macros;
 pub(crate) mod matmul;
+// HiCI patch: few-row f32 products without packing (see the module doc).
+#[cfg(feature = "std")]
+pub(crate) mod matvec;
 pub(crate) mod maxpool;
 pub(crate) mod padding;
 pub(crate) mod quantization;
