@@ -110,16 +110,23 @@ fn run(cli: Cli, cancel: &CancelToken) -> Result<()> {
     }
     backend::check_available(m.device)?;
     load::check_fusion(&m.spec()).context("--dtype / --fusion")?;
-    with_backend!(m.device, m.fused(), |B, dev| match &cli.command {
-        Command::Generate(a) => cmd::generate::run::<B>(m, a, &dev, cancel),
-        Command::Chat(a) => cmd::chat::run::<B>(m, a, &dev, cancel),
-        Command::Perplexity(a) => cmd::perplexity::run::<B>(m, a, &dev, cancel),
-        Command::Passkey(a) => cmd::passkey::run::<B>(m, a, &dev, cancel),
-        Command::Inspect(a) => cmd::inspect::run::<B>(m, a, &dev, cancel),
-        Command::Bench(a) => cmd::bench::run::<B>(m, a, &dev, cancel),
-        Command::Parity(a) => cmd::parity::run::<B>(m, a, &dev, cancel),
-        Command::Devices | Command::Import(_) | Command::Serve(_) => {
-            unreachable!("handled above")
-        }
-    })
+    let go = || {
+        with_backend!(m.device, m.fused(), |B, dev| match &cli.command {
+            Command::Generate(a) => cmd::generate::run::<B>(m, a, &dev, cancel),
+            Command::Chat(a) => cmd::chat::run::<B>(m, a, &dev, cancel),
+            Command::Perplexity(a) => cmd::perplexity::run::<B>(m, a, &dev, cancel),
+            Command::Passkey(a) => cmd::passkey::run::<B>(m, a, &dev, cancel),
+            Command::Inspect(a) => cmd::inspect::run::<B>(m, a, &dev, cancel),
+            Command::Bench(a) => cmd::bench::run::<B>(m, a, &dev, cancel),
+            Command::Parity(a) => cmd::parity::run::<B>(m, a, &dev, cancel),
+            Command::Devices | Command::Import(_) | Command::Serve(_) => {
+                unreachable!("handled above")
+            }
+        })
+    };
+    if m.device == backend::DeviceChoice::Ndarray {
+        backend::on_compute_pool(go)
+    } else {
+        go()
+    }
 }

@@ -197,3 +197,21 @@ macro_rules! with_backend {
         }
     }};
 }
+
+/// Runs `f` on a thread of the CPU backend's compute pool (rayon's) and returns its result.
+///
+/// burn-ndarray splits its parallel ops (the decode products among them) over that pool. Called
+/// from any other thread, each such op is handed to the pool while the caller waits, so every
+/// op pays a hand-over and a wake-up, and the caller competes with the pool's threads for the
+/// cores. Running the whole computation on a pool thread makes those ops split their work with
+/// the thread already running. Without the CPU backend `f` runs where it is.
+pub fn on_compute_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    #[cfg(feature = "ndarray")]
+    {
+        rayon::scope(|_| f())
+    }
+    #[cfg(not(feature = "ndarray"))]
+    {
+        f()
+    }
+}

@@ -76,7 +76,16 @@ impl Worker {
         };
         let spawned = std::thread::Builder::new()
             .name("hici-engine".into())
-            .spawn(move || engine_thread(spec, cfg, rx, ready, queued, metrics, fail_tx.clone()));
+            .spawn(move || {
+                // on the CPU backend the engine runs on a thread of its compute pool
+                let cpu = spec.device == hici_engine::device::DeviceChoice::Ndarray;
+                let run = move || engine_thread(spec, cfg, rx, ready, queued, metrics, fail_tx);
+                if cpu {
+                    hici_engine::device::on_compute_pool(run)
+                } else {
+                    run()
+                }
+            });
         if let Err(e) = spawned {
             // the receiver is returned below, so this message reaches `serve`
             let (tx2, rx2) = mpsc::unbounded_channel();
