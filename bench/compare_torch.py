@@ -35,16 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hici_torch  # noqa: E402
-from quiet import wait_quiet  # noqa: E402
+from quiet import loadavg, wait_quiet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def loadavg() -> str | None:
-    try:
-        return Path("/proc/loadavg").read_text().split(" ")[0]
-    except OSError:
-        return None
 
 
 def stats(xs):

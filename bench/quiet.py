@@ -59,3 +59,11 @@ def wait_quiet(timeout: float = 1800, max_share: float = 0.1) -> dict:
         if not said:
             print(f"quiet: waiting for pid {pid} ({share:.0%} of a core) to finish ...", file=sys.stderr)
             said = True
+
+
+def loadavg() -> str | None:
+    """The 1-minute load average (None where /proc is missing)."""
+    try:
+        return Path("/proc/loadavg").read_text().split(" ")[0]
+    except OSError:
+        return None
