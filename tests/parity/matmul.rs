@@ -1,5 +1,5 @@
 //! The ndarray backend's few-row product path (vendor/burn-ndarray `matvec`, taken for
-//! `[.., m, k] x [.., k, n]` with m <= 8 and a right operand with contiguous rows or columns,
+//! `[.., m, k] x [.., k, n]` with m <= 16 and a right operand with contiguous rows or columns,
 //! batched or not) against an f64 reference, next to shapes that keep the general path (more
 //! rows, broadcast batches). Tolerance 1e-4 relative to the sum of |terms|: f32 rounding over
 //! k <= 1536 terms.
@@ -41,6 +41,7 @@ fn few_row_products_match_f64_reference() {
         (8, 131, 1000),
         (9, 64, 128),
         (16, 33, 96),
+        (17, 40, 100),
     ] {
         let x = Tensor::<B, 1>::from_floats(values(m * k, 1).as_slice(), &dev).reshape([m, k]);
         let w = Tensor::<B, 1>::from_floats(values(k * n, 2).as_slice(), &dev).reshape([k, n]);

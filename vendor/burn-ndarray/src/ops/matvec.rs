@@ -13,7 +13,7 @@ use core::any::TypeId;
 use ndarray::{Array2, ArrayView2};
 
 /// Left operands with at most this many rows take this path.
-pub(crate) const MAX_ROWS: usize = 8;
+pub(crate) const MAX_ROWS: usize = 16;
 
 /// Narrowest right operand taken (below, scheduling costs more than packing).
 const MIN_BLOCK: usize = 64;
@@ -240,8 +240,9 @@ impl Weights {
     }
 }
 
-/// Widest output block of one task: `MAX_ROWS` rows of it stay in L1/L2.
-const MAX_BLOCK: usize = 4096;
+/// Output values (rows x block width) of one task at most, so its partial output stays in
+/// L2: 4096 columns for up to 4 rows, fewer for more rows.
+const MAX_BLOCK_VALUES: usize = 4 * 4096;
 
 /// Weights (k * n) below which one thread does the product.
 const SERIAL: usize = 1 << 16;
@@ -250,13 +251,14 @@ const SERIAL: usize = 1 << 16;
 const MIN_ROWS: usize = 64;
 
 /// `y[m, n] = x[m, k] · w[k, n]` (y zeroed on entry), in parallel over a grid of column blocks
-/// (at most [`MAX_BLOCK`] wide) and weight-row ranges. Each task streams its rows of its
-/// column block, so with one block (n <= `MAX_BLOCK`) a task reads one contiguous stretch of
+/// (at most [`MAX_BLOCK_VALUES`] / max(m, 4) wide) and weight-row ranges. Each task streams its rows of its
+/// column block, so with one block a task reads one contiguous stretch of
 /// the weight; the partial sums of the row ranges are added at the end.
 fn products(x: &[f32], m: usize, w: Weights, n: usize, y: &mut [f32]) {
     // below SERIAL weights, handing work to another thread costs more than it saves
     let threads = if w.k * n < SERIAL { 1 } else { threads() };
-    let col_blocks = n.div_ceil(MAX_BLOCK);
+    let max_block = MAX_BLOCK_VALUES / m.max(4);
+    let col_blocks = n.div_ceil(max_block);
     let width = n.div_ceil(col_blocks).next_multiple_of(16).min(n);
     let col_blocks = n.div_ceil(width);
     // about two tasks per thread
