@@ -251,9 +251,9 @@ const SERIAL: usize = 1 << 16;
 const MIN_ROWS: usize = 64;
 
 /// `y[m, n] = x[m, k] · w[k, n]` (y zeroed on entry), in parallel over a grid of column blocks
-/// (at most [`MAX_BLOCK_VALUES`] / max(m, 4) wide) and weight-row ranges. Each task streams its rows of its
-/// column block, so with one block a task reads one contiguous stretch of
-/// the weight; the partial sums of the row ranges are added at the end.
+/// (at most [`MAX_BLOCK_VALUES`] / max(m, 4) wide) and weight-row ranges. Each task streams
+/// its rows of its column block, so with one block a task reads one contiguous stretch of the
+/// weight; the partial sums of the row ranges are added at the end.
 fn products(x: &[f32], m: usize, w: Weights, n: usize, y: &mut [f32]) {
     // below SERIAL weights, handing work to another thread costs more than it saves
     let threads = if w.k * n < SERIAL { 1 } else { threads() };
