@@ -61,7 +61,7 @@ impl DtypeArg {
 /// `--fusion`: burn's kernel-fusion layer on the GPU backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FusionArg {
-    /// On for f32; off for f16/bf16, whose decoding crashes burn 0.21's fusion engine.
+    /// On for every precision (burn#5292, the half-precision crash, is fixed in vendor/).
     Auto,
     /// Fuse element-wise chains into fewer kernels (burn's `Fusion` backend).
     On,
@@ -76,7 +76,9 @@ pub enum AttentionArg {
     Auto,
     /// Exact softmax attention computed in f32 (parity path).
     Exact,
-    /// Let wgpu/CUDA pick flash kernels (f16 tiles, ~1e-3 abs error on logits).
+    /// Flash-eligible calls on wgpu/CUDA: one square `is_causal` call per segment and query
+    /// group, no scale, no mask (autotune may pick a flash kernel: f16 tiles, ~1e-3 abs
+    /// error on logits); on CPU the same as `exact`.
     Flash,
 }
 

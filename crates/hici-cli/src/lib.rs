@@ -7,7 +7,7 @@ mod cmd;
 pub use hici_engine::device as backend;
 pub use hici_engine::{embedded, load};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use args::ModelArgs;
 use clap::{Parser, Subcommand};
 use hici_engine::{with_backend, CancelToken};
@@ -109,7 +109,6 @@ fn run(cli: Cli, cancel: &CancelToken) -> Result<()> {
         _ => {}
     }
     backend::check_available(m.device)?;
-    load::check_fusion(&m.spec()).context("--dtype / --fusion")?;
     let go = || {
         with_backend!(m.device, m.fused(), |B, dev| match &cli.command {
             Command::Generate(a) => cmd::generate::run::<B>(m, a, &dev, cancel),

@@ -1,7 +1,7 @@
 //! One type-erased model behind [`Engine`], so that a caller (the server's worker thread) picks
 //! the backend at run time without being generic over it.
 
-use crate::load::{check_fusion, load, LoadSpec, Loaded};
+use crate::load::{load, LoadSpec, Loaded};
 use anyhow::Result;
 use burn::prelude::*;
 use hici_model::{to_vec_f32, AttentionMode, KvCache, Logits};
@@ -193,7 +193,6 @@ impl<B: Backend> Engine for Typed<B> {
 /// Loads the model `spec` names onto its device, on the calling thread.
 pub fn load_engine(spec: &LoadSpec) -> Result<Box<dyn Engine>> {
     crate::device::check_available(spec.device)?;
-    check_fusion(spec)?;
     crate::with_backend!(spec.device, spec.fused(), |B, dev| {
         let loaded = load::<B>(spec, &dev)?;
         let cfg = loaded.model.config();

@@ -58,9 +58,12 @@ impl ModeChoice {
 /// burn's kernel-fusion layer on the GPU backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fusion {
-    /// On for f32; off for f16/bf16, whose decoding crashes burn 0.21's fusion engine.
+    /// On for every precision (the half-precision crash of burn 0.21's fusion engine,
+    /// burn#5292, is fixed in the vendored burn-cubecl-fusion; see vendor/README.md).
     Auto,
+    /// burn's `Fusion<CubeBackend>`: element-wise chains fused into fewer kernels.
     On,
+    /// The plain `CubeBackend`: one kernel per op.
     Off,
 }
 
@@ -155,10 +158,13 @@ impl LoadSpec {
         Ok(mode.mode())
     }
 
-    /// The kernel [`AttentionChoice::Auto`] stands for on this device.
+    /// The kernel the choice stands for on this device. On the CPU backend `flash` is the
+    /// exact tiled kernel: burn's CPU attention has no flash kernel, and the flash form's
+    /// square calls would score whole segments at once there.
     pub fn attention_kernel(&self) -> AttentionKernel {
         match (self.attention, self.device) {
             (AttentionChoice::Exact, _) => AttentionKernel::Exact,
+            (AttentionChoice::Flash, DeviceChoice::Ndarray) => AttentionKernel::Exact,
             (AttentionChoice::Flash, _) => AttentionKernel::Flash,
             (AttentionChoice::Auto, DeviceChoice::Cuda(_)) => AttentionKernel::Flash,
             (AttentionChoice::Auto, _) => AttentionKernel::Exact,
@@ -168,9 +174,8 @@ impl LoadSpec {
     /// Whether the GPU backend runs with burn's fusion layer.
     pub fn fused(&self) -> bool {
         match self.fusion {
-            Fusion::On => true,
+            Fusion::On | Fusion::Auto => true,
             Fusion::Off => false,
-            Fusion::Auto => self.dtype == DType::F32,
         }
     }
 }
@@ -295,22 +300,6 @@ pub fn load<B: Backend>(args: &LoadSpec, device: &B::Device) -> Result<Loaded<B>
 /// The context a configuration supports: `max_position_embeddings` x the linear RoPE factor.
 pub fn context_of(cfg: &hici_model::ModelConfig) -> usize {
     (cfg.llama.max_position_embeddings as f64 * cfg.rope_factor).round() as usize
-}
-
-/// Refuses half precision under burn's fusion layer: burn 0.21's fusion engine panics in its
-/// device thread on half-precision decoding (burn-cubecl-fusion `FusedReduceLaunch` asks for
-/// the strides of an input it did not register, after a host read-back). [`Fusion::Auto`]
-/// already turns fusion off for f16/bf16.
-pub fn check_fusion(args: &LoadSpec) -> Result<()> {
-    if args.dtype != DType::F32 && args.fused() && args.device != DeviceChoice::Ndarray {
-        bail!(
-            "dtype {} with fusion on is not supported on device {}: burn 0.21's fusion engine \
-             crashes on half-precision decoding; use fusion auto (or off)",
-            dtype_name(args.dtype),
-            args.device
-        );
-    }
-    Ok(())
 }
 
 /// The precision and attention-kernel steps every command applies to a freshly built model:

@@ -89,7 +89,6 @@ pub fn run(m: &ModelArgs, a: &ServeArgs) -> Result<()> {
     let mut spec = m.spec();
     spec.progress = false;
     crate::backend::check_available(spec.device)?;
-    crate::load::check_fusion(&spec).context("--dtype / --fusion")?;
     let addr = SocketAddr::new(a.host, a.port);
     if a.api_key.is_none() && !a.host.is_loopback() {
         tracing::warn!(
