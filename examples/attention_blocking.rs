@@ -43,13 +43,7 @@ fn main() {
                     key: usize::MAX,
                     ..Tiles::default()
                 };
-                attend_tiled(
-                    q.clone(),
-                    k.clone(),
-                    v.clone(),
-                    AttentionKernel::Exact,
-                    tiles,
-                )
+                attend_tiled(q.clone(), k.clone(), v.clone(), tiles)
             },
             5,
         );

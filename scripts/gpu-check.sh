@@ -11,8 +11,11 @@
 #   2. hici parity --device cuda  - the fixture's reference logits, merged + unmerged LoRA,
 #                                   modes I / F / T, greedy decode. f32 with the exact
 #                                   attention (max 1e-3) and with flash kernels (1e-2); bf16
-#                                   (max 2.0, rms 0.15) and f16 (0.15, 0.02): half precision
-#                                   runs without burn's fusion layer (--fusion auto)
+#                                   (max 2.0, rms 0.15) and f16 (0.15, 0.02) on burn's fused
+#                                   backend (--fusion auto = on; burn#5292 is fixed in
+#                                   vendor/), and bf16 once more unfused (--fusion off) to
+#                                   tell a fusion problem from a precision one. --attention
+#                                   flash runs one square is_causal call per segment
 #   3. hici bench --synthetic 7b  - 4K and 16K prompts, modes full and hici: prefill and
 #                                   decode tok/s, time to first token, peak GPU memory; bf16
 #                                   first (what a server runs), then f32
@@ -44,6 +47,7 @@ run parity_f32 "$BIN" parity --fixture "$FIXTURE" --device "$DEV" --json
 run parity_f32_flash "$BIN" parity --fixture "$FIXTURE" --device "$DEV" --attention flash --json
 run parity_bf16 "$BIN" parity --fixture "$FIXTURE" --device "$DEV" --dtype bf16 --json
 run parity_f16 "$BIN" parity --fixture "$FIXTURE" --device "$DEV" --dtype f16 --json
+run parity_bf16_unfused "$BIN" parity --fixture "$FIXTURE" --device "$DEV" --dtype bf16 --fusion off --json
 run bench_bf16 "$BIN" bench --synthetic "$SYNTH" --device "$DEV" --dtype bf16 --prompt-len "$LENS" \
   --gen-len 32 --modes full,hici --warmup 1 --iters 2 --json
 run bench_f32 "$BIN" bench --synthetic "$SYNTH" --device "$DEV" --prompt-len "$LENS" --gen-len 32 \

@@ -8,6 +8,7 @@
 mod common;
 
 use burn::backend::wgpu::WgpuDevice;
+use burn::prelude::*;
 use common::*;
 use hici::model::{to_vec_f32, AttentionMode, DecodeCache, HiciLlama, Logits, LoraMode};
 
@@ -116,6 +117,59 @@ fn wgpu_parity_with_reference() {
     );
 }
 
+/// The model with `--attention flash`'s form of attention (one square `is_causal` call per
+/// layer and segment batch, Q padded by the 12-slot prefix; unmasked decode) on wgpu against
+/// the reference: Mode I prefill, Mode T (4 segments batched) and 16 greedy steps, within the
+/// flash tolerance of `hici parity` (1e-2; on lavapipe autotune runs burn's exact fallback
+/// under these calls, so the measured error is that of the exact path).
+#[test]
+fn wgpu_flash_form_parity_with_reference() {
+    if std::env::var_os("HICI_SKIP_WGPU").is_some() {
+        return;
+    }
+    const FLASH_TOL: f32 = 1e-2;
+    let dev = WgpuDevice::DefaultDevice;
+    let model = load_model_on::<W>(LoraMode::Merged, &dev)
+        .with_attention_kernel(hici::model::AttentionKernel::Flash);
+    let ids = input_ids("prompt1_ids");
+    let got = to_vec_f32(
+        model
+            .forward(ids_tensor_on::<W>(&ids, &dev), AttentionMode::Inference)
+            .unwrap(),
+    );
+    let want = expected("prefill_logits.safetensors");
+    assert_close(
+        "wgpu flash Mode I prefill prompt1",
+        &got,
+        &want["prompt1"].f32,
+        FLASH_TOL,
+    );
+    let ids = input_ids("long_ids");
+    let seg = to_vec_f32(
+        model
+            .forward(
+                ids_tensor_on::<W>(&ids, &dev),
+                AttentionMode::Segmented { segments: 4 },
+            )
+            .unwrap(),
+    );
+    assert_close(
+        "wgpu flash Mode T logits",
+        &seg,
+        &expected("segmented_logits.safetensors")["logits"].f32,
+        FLASH_TOL,
+    );
+    let want = expected("greedy_decode_unscrambled_cache_NONREFERENCE.safetensors");
+    let (gen, logits) = greedy(&model, &input_ids("prompt1_ids"), 16);
+    assert_eq!(gen, want["prompt1_generated_ids"].i64);
+    assert_close(
+        "wgpu flash greedy decode prompt1, 16 steps",
+        &logits,
+        &want["prompt1_step_logits"].f32,
+        FLASH_TOL,
+    );
+}
+
 /// f16 weights and activations on wgpu (prefill), compared with the f32 reference logits. RMSNorm,
 /// LayerNorm, softmax, attention (exact kernel) and the GI statistics run in f32; the
 /// projections and MLP in f16. The tolerance (0.15 abs on logits of magnitude ~10, i.e. ~1%)
@@ -150,19 +204,17 @@ fn wgpu_f16_close_to_f32_and_bf16_refused() {
             0.15,
         );
     }
-    // Decoding in f16 is covered through the CLI below: burn 0.21's fusion engine panics on
-    // it, so `--fusion auto` runs half precision on the unfused `CubeBackend`.
+    // Decoding in f16 on the fused backend is covered through the CLI below.
 }
 
-/// `hici parity --device wgpu --dtype f16` (the unfused backend, as `--fusion auto` picks for
-/// half precision): every check of the fixture, greedy decoding included, within the f16
-/// tolerances (max 0.15, RMS 0.02; measured max 7.9e-2, RMS 7.7e-3). burn 0.21's fused wgpu
-/// backend panics in its device thread on f16 decoding (burn-cubecl-fusion
-/// engine/codegen/ir.rs: while autotuning a fused reduce, `FusedReduceLaunch` asks for the
-/// strides of an input it did not register, on the first decode step after a host read-back),
-/// so the CLI refuses `--fusion on` with half precision; that refusal is checked too.
+/// `hici parity --device wgpu --dtype f16 --fusion on`: every check of the fixture, greedy
+/// decoding included, on burn's fused backend within the f16 tolerances (max 0.15, RMS 0.02;
+/// measured max 7.9e-2, RMS 7.7e-3), then f16 generation with the default `--fusion auto`
+/// (fused too) on `--device wgpu:vulkan:0`. Fails without the vendored burn-cubecl-fusion fix (burn#5292): burn 0.21.0
+/// panics in its device thread on the first fused f16 decode step (`resolve_arg` index out of
+/// bounds in a fused reduce, then "Ordering is bigger than operations").
 #[test]
-fn cli_f16_on_wgpu_decodes_within_tolerance_without_fusion() {
+fn cli_f16_on_wgpu_decodes_within_tolerance_with_fusion() {
     if std::env::var_os("HICI_SKIP_WGPU").is_some() {
         return;
     }
@@ -176,11 +228,13 @@ fn cli_f16_on_wgpu_decodes_within_tolerance_without_fusion() {
         "wgpu",
         "--dtype",
         "f16",
+        "--fusion",
+        "on",
         "--json",
     ]));
     eprintln!("{v}");
     assert_eq!(v["dtype"], "F16");
-    assert_eq!(v["fusion"], false);
+    assert_eq!(v["fusion"], true);
     assert_eq!(v["failed"], 0);
     let checks = v["checks"].as_array().unwrap();
     assert_eq!(checks.len(), 10, "{v}");
@@ -190,10 +244,11 @@ fn cli_f16_on_wgpu_decodes_within_tolerance_without_fusion() {
 
     let want = expected("greedy_decode_unscrambled_cache_NONREFERENCE.safetensors");
     let ids = ids_arg(&input_ids("prompt1_ids"));
+    // the graphics API and adapter named explicitly: lavapipe is Vulkan adapter 0 here
     let out = json_of(&hici(&[
         "generate",
         "--device",
-        "wgpu",
+        "wgpu:vulkan:0",
         "--dtype",
         "f16",
         "--prompt-ids",
@@ -204,20 +259,6 @@ fn cli_f16_on_wgpu_decodes_within_tolerance_without_fusion() {
     ]));
     assert_eq!(generated(&out), want["prompt1_generated_ids"].i64);
 
-    assert_clean_error(
-        &hici(&[
-            "generate",
-            "--device",
-            "wgpu",
-            "--dtype",
-            "f16",
-            "--fusion",
-            "on",
-            "--prompt-ids",
-            "1,2",
-        ]),
-        "--fusion",
-    );
     assert_clean_error(
         &hici(&[
             "parity",
@@ -251,6 +292,41 @@ fn wgpu_without_an_adapter_is_a_clean_error() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
 
+/// `--device wgpu:API:N` out of range, or an API without adapters: one-line errors naming
+/// what exists, before burn touches a device.
+#[test]
+fn wgpu_adapter_choice_errors_name_what_exists() {
+    if std::env::var_os("HICI_SKIP_WGPU").is_some() {
+        return;
+    }
+    let out = hici(&[
+        "generate",
+        "--device",
+        "wgpu:vulkan:7",
+        "--prompt-ids",
+        "1,2",
+    ]);
+    assert_clean_error(&out, "no wgpu device 7");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("adapter(s) of that API"), "{err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let out = hici(&["generate", "--device", "wgpu:dx12", "--prompt-ids", "1,2"]);
+    assert_clean_error(&out, "needs a Dx12 adapter");
+    assert_clean_error(
+        &hici(&["generate", "--device", "wgpu:vulkn", "--prompt-ids", "1,2"]),
+        "vulkn",
+    );
+    let v = json_of(&hici(&["devices", "--json"]));
+    assert!(
+        v["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["select"] == "--device wgpu:vulkan:0"),
+        "{v}"
+    );
+}
+
 /// Continuous batching on wgpu: a batched decode of sequences of different lengths matches
 /// each sequence's batch-1 decode (both on wgpu) within the wgpu tolerance.
 #[test]
@@ -274,4 +350,96 @@ fn wgpu_batched_decode_equals_batch_one() {
     eprintln!("wgpu batched vs batch-1: max |dlogit| {worst:.2e}");
     assert!(worst < TOL, "{worst}");
     assert!(same, "greedy ids differ");
+}
+
+/// burn's plain wgpu backend, on which a kernel strategy can be forced.
+type Cube = burn::backend::wgpu::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
+
+/// The flash form of attention ([`attend_flash_with`], as `--attention flash` runs it) with
+/// burn's flash kernel forced (`FlashUnit`: f16 tiles, top-left causal diagonal) instead of
+/// autotune's pick (the fallback on lavapipe), against the exact naive attention. Padding the
+/// queries to a square makes the flash kernel's top-left `is_causal` equal the bottom-right
+/// rule; without it the same kernel misses by O(1) (measured 3.3-4.2), so this fails if the
+/// padding is wrong. Cases: a segment after its 12-slot prefix (GQA: two query-group calls;
+/// MHA: one), decode (one call, no mask). The masked form (a short chunk after a long cache)
+/// is checked on ndarray only (`flash_form_equals_naive_attention`). Tolerance 5e-3: the
+/// kernel's f16 tiles (measured ~1e-3 on unit-scale inputs).
+#[test]
+fn wgpu_flash_kernel_on_the_flash_form_matches_exact_attention() {
+    if std::env::var_os("HICI_SKIP_WGPU").is_some() {
+        return;
+    }
+    use burn::tensor::TensorPrimitive;
+    use burn_cubecl::kernel::attention::{attention, AttentionStrategy};
+    use hici::model::attention::{attend_flash_with, attend_naive, FLASH_MASK_ELEMS};
+    let dev = WgpuDevice::DefaultDevice;
+    let rnd = |n: usize, seed: u64| {
+        let mut r = hici::model::synthetic::XorShift::new(seed);
+        (0..n)
+            .map(|_| r.next_f32() * 2.0 - 1.0)
+            .collect::<Vec<f32>>()
+    };
+    let d = 64;
+    let flash_unit = |q: Tensor<Cube, 4>,
+                      k: Tensor<Cube, 4>,
+                      v: Tensor<Cube, 4>,
+                      mask: Option<Tensor<Cube, 4, Bool>>,
+                      opts| {
+        let out = attention(
+            q.into_primitive().tensor(),
+            k.into_primitive().tensor(),
+            v.into_primitive().tensor(),
+            mask.map(|m| m.into_primitive()),
+            None,
+            opts,
+            AttentionStrategy::FlashUnit,
+        )
+        .expect("burn's FlashUnit kernel runs on this adapter");
+        Tensor::<Cube, 4>::from_primitive(TensorPrimitive::Float(out))
+    };
+    let max_diff = |a: Vec<f32>, b: Vec<f32>| {
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max)
+    };
+    // (few shapes: lavapipe compiles the flash kernel anew for each, about a minute apiece)
+    for (nh, nkv, q_len, k_len) in [(4, 2, 20, 32), (2, 2, 20, 32), (4, 2, 1, 40)] {
+        let t = |h: usize, len: usize, seed: u64| {
+            Tensor::<Cube, 4>::from_data(
+                TensorData::new(rnd(h * len * d, seed), [1, h, len, d]),
+                &dev,
+            )
+        };
+        let (q, k, v) = (t(nh, q_len, 1), t(nkv, k_len, 2), t(nkv, k_len, 3));
+        let mut calls = 0;
+        let flash = attend_flash_with(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            FLASH_MASK_ELEMS,
+            |q, k, v, mask, opts| {
+                calls += 1;
+                flash_unit(q, k, v, mask, opts)
+            },
+        );
+        let want = to_vec_f32(attend_naive(q.clone(), k.clone(), v.clone()));
+        let diff = max_diff(to_vec_f32(flash), want.clone());
+        if q_len > 1 && nh == nkv && k_len > q_len {
+            // the same kernel with `is_causal` on the unpadded, non-square call: top-left
+            let opts = burn::tensor::ops::AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal: true,
+            };
+            let raw = max_diff(to_vec_f32(flash_unit(q, k, v, None, opts)), want);
+            eprintln!("  unpadded is_causal: max |diff| {raw:.2e}");
+            assert!(
+                raw > 0.1,
+                "the kernel's causal diagonal is not top-left here: {raw}"
+            );
+        }
+        eprintln!("flash kernel, {nh}/{nkv} heads, q {q_len} k {k_len}: {calls} call(s), max |diff| {diff:.2e}");
+        assert!(diff < 5e-3, "q {q_len} k {k_len}: {diff}");
+    }
 }

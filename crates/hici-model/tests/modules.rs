@@ -1,7 +1,10 @@
 //! Unit tests of the model's pieces against hand-checkable cases.
 
 use burn::prelude::*;
-use hici_model::attention::{attend, attend_naive, attend_tiled, AttentionKernel, Tiles};
+use hici_model::attention::{
+    attend, attend_flash_with, attend_naive, attend_tiled, flash_plan, AttentionKernel, FlashCall,
+    Tiles, FLASH_MASK_ELEMS,
+};
 use hici_model::hici::broadcast::{segment_count, sft_segment_len, SegmentRule};
 use hici_model::hici::global::softplus_f32;
 use hici_model::hici::GlobalIntegrator;
@@ -88,13 +91,7 @@ fn tiled_vs_naive(
     let q = t(rnd(b * nh * q_len * d, seed), [b, nh, q_len, d]);
     let k = t(rnd(b * nkv * k_len * d, seed + 1), [b, nkv, k_len, d]);
     let v = t(rnd(b * nkv * k_len * d, seed + 2), [b, nkv, k_len, d]);
-    let a = to_vec_f32(attend_tiled(
-        q.clone(),
-        k.clone(),
-        v.clone(),
-        AttentionKernel::Exact,
-        tiles,
-    ));
+    let a = to_vec_f32(attend_tiled(q.clone(), k.clone(), v.clone(), tiles));
     let n = to_vec_f32(attend_naive(q, k, v));
     assert_eq!(a.len(), n.len());
     a.iter()
@@ -131,6 +128,124 @@ fn online_softmax_over_key_chunks_equals_naive_attention() {
             diff < 1e-5,
             "q {q_len} k {k_len} tiles {query}x{key}: {diff}"
         );
+    }
+}
+
+/// The flash plan per layer: one call per forward for multi-head attention (the HiCI 7B:
+/// 32 query and 32 KV heads) at every length, where the exact kernel makes one per 256-row
+/// query block (64 at 16K); one per query group with GQA (SmolLM2: 9 over 3); one unmasked
+/// call per decode step; masked chunks only for a short chunk after a long cache. Every
+/// causal call is square, which is what makes `is_causal` mean the same on every kernel.
+#[test]
+fn flash_plan_makes_one_square_causal_call_per_query_group() {
+    let m = FLASH_MASK_ELEMS;
+    // Mode I prefill of 16K tokens after the 12-slot prefix [G ; L], 7B shapes
+    assert_eq!(
+        flash_plan(16384, 16396, 1, 32, 32, m),
+        vec![FlashCall::Causal { group: 0, pad: 12 }]
+    );
+    // four segments of 4096 batched as b*N = 4 sequences
+    assert_eq!(flash_plan(4096, 4108, 4, 32, 32, m).len(), 1);
+    // Mode F (no prefix): square already
+    assert_eq!(
+        flash_plan(512, 512, 1, 32, 32, m),
+        vec![FlashCall::Causal { group: 0, pad: 0 }]
+    );
+    // GQA 9 over 3: one call per query group
+    assert_eq!(
+        flash_plan(600, 612, 1, 9, 3, m),
+        (0..3)
+            .map(|group| FlashCall::Causal { group, pad: 12 })
+            .collect::<Vec<_>>()
+    );
+    // decode: one call, no mask, whatever the cache length
+    for k_len in [1, 13, 16396] {
+        assert_eq!(
+            flash_plan(1, k_len, 1, 32, 32, m),
+            vec![FlashCall::Unmasked]
+        );
+    }
+    // 8 new tokens after a cache of 4000: masked, one call while the mask fits
+    assert_eq!(
+        flash_plan(8, 4008, 1, 32, 32, m),
+        vec![FlashCall::Masked { q0: 0, rows: 8 }]
+    );
+    // ... and query chunks covering every row once when it does not
+    let plan = flash_plan(300, 16000, 1, 32, 32, m);
+    assert_eq!(plan.len(), 300usize.div_ceil(m / (32 * 16000)));
+    let mut next = 0;
+    for c in &plan {
+        let FlashCall::Masked { q0, rows } = *c else {
+            panic!("{c:?}")
+        };
+        assert_eq!(q0, next);
+        assert!(32 * rows * 16000 <= m);
+        next += rows;
+    }
+    assert_eq!(next, 300);
+}
+
+/// Runs the flash form on ndarray (burn's exact fallback kernel underneath) and checks every
+/// call it makes: no scale, no softcap; `is_causal` only on square calls without mask; masks
+/// full-shape; as many calls as the plan says.
+fn flash_vs_naive(
+    (b, nh, nkv, d): (usize, usize, usize, usize),
+    q_len: usize,
+    k_len: usize,
+    mask_elems: usize,
+    seed: u64,
+) -> (f32, usize) {
+    let q = t(rnd(b * nh * q_len * d, seed), [b, nh, q_len, d]);
+    let k = t(rnd(b * nkv * k_len * d, seed + 1), [b, nkv, k_len, d]);
+    let v = t(rnd(b * nkv * k_len * d, seed + 2), [b, nkv, k_len, d]);
+    let mut calls = 0;
+    let got = attend_flash_with(
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        mask_elems,
+        |q, k, v, mask, opts| {
+            calls += 1;
+            assert_eq!((opts.scale, opts.softcap), (None, None));
+            let [qb, qh, qr, _] = q.dims();
+            let kr = k.dims()[2];
+            assert_eq!((qb, qh), (b, nkv), "one call per KV head group");
+            if opts.is_causal {
+                assert!(mask.is_none());
+                assert_eq!(qr, kr, "causal calls are square");
+            }
+            if let Some(m) = &mask {
+                assert_eq!(m.dims(), [qb, qh, qr, kr], "full-shape mask");
+            }
+            burn::tensor::module::attention(q, k, v, mask, None, opts)
+        },
+    );
+    let plan = flash_plan(q_len, k_len, b, nh, nkv, mask_elems);
+    assert_eq!(calls, plan.len(), "{plan:?}");
+    let got = to_vec_f32(got);
+    let want = to_vec_f32(attend_naive(q, k, v));
+    assert_eq!(got.len(), want.len());
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    (diff, calls)
+}
+
+#[test]
+fn flash_form_equals_naive_attention() {
+    for ((b, nh, nkv), q_len, k_len, budget, calls) in [
+        ((2, 4, 4), 20, 32, FLASH_MASK_ELEMS, 1), // padded causal, MHA
+        ((2, 4, 2), 20, 32, FLASH_MASK_ELEMS, 2), // padded causal, 2 query groups
+        ((1, 6, 2), 37, 37, FLASH_MASK_ELEMS, 3), // square without pad
+        ((1, 4, 2), 1, 50, FLASH_MASK_ELEMS, 1),  // decode
+        ((2, 4, 2), 5, 40, FLASH_MASK_ELEMS, 1),  // short chunk after a long cache
+        ((2, 4, 2), 9, 40, 2 * 4 * 40 * 2, 5),    // ... in masked chunks of 2 rows
+    ] {
+        let (diff, n) = flash_vs_naive((b, nh, nkv, 8), q_len, k_len, budget, 11);
+        assert_eq!(n, calls, "q {q_len} k {k_len}");
+        assert!(diff < 1e-5, "q {q_len} k {k_len}: {diff}");
     }
 }
 

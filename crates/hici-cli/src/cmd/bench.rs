@@ -426,7 +426,7 @@ fn device_memory(choice: DeviceChoice) -> std::result::Result<u64, String> {
         DeviceChoice::Ndarray => {
             Err("the ndarray backend runs on the host: see peak_rss_bytes".into())
         }
-        DeviceChoice::Wgpu => {
+        DeviceChoice::Wgpu(_) => {
             Err("the wgpu backend does not report device memory to this tool".into())
         }
         #[allow(unused_variables)]

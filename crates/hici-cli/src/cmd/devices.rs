@@ -40,55 +40,53 @@ pub fn run(m: &ModelArgs) -> Result<()> {
     Ok(())
 }
 
-/// Every adapter wgpu can see (name, graphics API, device type, driver). burn's `wgpu`
-/// device picks one of them (`CUBECL_WGPU_DEFAULT_DEVICE` overrides the choice).
+/// Every adapter wgpu can see (name, graphics API, device type, driver) and the `--device`
+/// text that selects it (`wgpu:API:N`, N counted within its API).
 #[cfg(feature = "wgpu")]
 fn wgpu_adapters() -> Vec<Value> {
-    let probe = || {
-        let instance =
-            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-        futures_lite::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+    use hici_engine::device::{wgpu_adapters, wgpu_backend, wgpu_select_text};
+    let default_api = wgpu_backend(None);
+    match wgpu_adapters() {
+        Ok(infos) if !infos.is_empty() => infos
             .iter()
-            .map(|a| a.get_info())
-            .collect::<Vec<_>>()
-    };
-    use burn::backend::wgpu::graphics::{AutoGraphicsApi, GraphicsApi};
-    let burn_api = AutoGraphicsApi::backend();
-    match crate::backend::quiet_catch(probe) {
-        Some(infos) if !infos.is_empty() => infos
-            .into_iter()
-            .map(|i| {
+            .enumerate()
+            .map(|(n, i)| {
                 let driver = [i.driver.trim(), i.driver_info.trim()]
                     .iter()
                     .filter(|s| !s.is_empty())
                     .copied()
                     .collect::<Vec<_>>()
                     .join(" ");
-                let used = i.backend == burn_api;
-                json!({
+                let index = infos[..n].iter().filter(|o| o.backend == i.backend).count();
+                let select = wgpu_select_text(i.backend, index);
+                let mut v = json!({
                     "backend": "wgpu",
                     "device": i.name,
                     "api": format!("{:?}", i.backend),
                     "type": format!("{:?}", i.device_type),
                     "driver": driver,
-                    "usable": used,
+                    "usable": select.is_some(),
+                    "default_api": i.backend == default_api,
                     "detail": format!("{:?}, {:?}, driver {driver}", i.backend, i.device_type),
-                    "select": if used {
-                        "--device wgpu".to_string()
-                    } else {
-                        format!("not used: burn's wgpu runs on {burn_api:?} here")
-                    },
-                })
+                });
+                v["select"] = match select {
+                    Some(s) => json!(s),
+                    None => json!(format!(
+                        "not selectable: {:?} is not an API --device names",
+                        i.backend
+                    )),
+                };
+                v
             })
             .collect(),
-        Some(_) => vec![json!({
+        Ok(_) => vec![json!({
             "backend": "wgpu", "device": "none", "available": false,
             "why": "no adapter found (no Vulkan/Metal/DX12/GL driver; on Linux without a GPU \
                     install mesa-vulkan-drivers for lavapipe)",
         })],
-        None => vec![json!({
+        Err(e) => vec![json!({
             "backend": "wgpu", "device": "none", "available": false,
-            "why": "wgpu failed while enumerating adapters",
+            "why": e.to_string(),
         })],
     }
 }

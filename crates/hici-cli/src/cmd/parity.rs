@@ -156,8 +156,9 @@ pub fn run<B: Backend>(
     _cancel: &CancelToken,
 ) -> Result<()> {
     let fx = &a.fixture;
+    // `auto` means `exact` here (parity is about the reference); `flash` as on any command
     let kernel = match m.attention {
-        AttentionArg::Flash => AttentionKernel::Flash,
+        AttentionArg::Flash => m.attention_kernel(),
         AttentionArg::Auto | AttentionArg::Exact => AttentionKernel::Exact,
     };
     let (default_max, default_rms) = default_tolerance(m, kernel);
