@@ -171,16 +171,52 @@ impl<'t> Sequence<'t> {
         row: &[f32],
         on_text: &mut dyn FnMut(&str),
     ) -> Result<Option<u32>, RuntimeError> {
-        if self.stop.is_some() {
-            return Ok(None);
-        }
-        if self.steps >= self.opts.max_new_tokens {
-            self.stop = Some(StopReason::MaxTokens);
+        if !self.wants_token() {
             return Ok(None);
         }
         let next = self
             .sampler
             .sample(row, &self.history, self.generated.len());
+        self.accept(next, on_text)
+    }
+
+    /// Whether the next id is the plain argmax of the logits ([`Sampler::is_plain_argmax`]), so
+    /// that the caller may pick it on the device and use [`Self::advance_picked`].
+    pub fn picks_argmax(&self) -> bool {
+        self.sampler.is_plain_argmax()
+    }
+
+    /// [`Self::advance`] with the next id already picked (the argmax taken on the device when
+    /// [`Self::picks_argmax`]).
+    pub fn advance_picked(
+        &mut self,
+        next: u32,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Option<u32>, RuntimeError> {
+        if !self.wants_token() {
+            return Ok(None);
+        }
+        self.accept(next, on_text)
+    }
+
+    /// False (and the stop reason set) once no further token may be generated.
+    fn wants_token(&mut self) -> bool {
+        if self.stop.is_some() {
+            return false;
+        }
+        if self.steps >= self.opts.max_new_tokens {
+            self.stop = Some(StopReason::MaxTokens);
+            return false;
+        }
+        true
+    }
+
+    /// Records `next`: streams its text and applies the stop rules.
+    fn accept(
+        &mut self,
+        next: u32,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Option<u32>, RuntimeError> {
         if self.steps == 0 {
             self.ttft = self.t0.elapsed().as_secs_f64();
         }
@@ -269,16 +305,75 @@ pub fn generate<B: Backend>(
     // room for every token this call may still append (never past the context): decoding
     // then never reallocates
     cache.reserve(seq.reserve_hint());
-    let mut row = to_vec_f32(logits);
+    // greedy without penalties: the argmax is taken on the device and a step reads back one
+    // id, not the `[V]` logits row
+    let on_device = seq.picks_argmax();
+    let mut logits = logits;
     seq.prefilled();
     loop {
         if cancel() {
             seq.interrupt();
         }
-        match seq.advance(&row, on_text)? {
-            Some(next) => row = to_vec_f32(model.decode_tokens(&[next as i64], &mut cache)?),
+        let step = if on_device {
+            seq.advance_picked(argmax_last(logits), on_text)?
+        } else {
+            seq.advance(&to_vec_f32(logits), on_text)?
+        };
+        match step {
+            Some(next) => logits = model.decode_tokens(&[next as i64], &mut cache)?,
             None => break,
         }
     }
     seq.finish(on_text)
+}
+
+/// The argmax of the last position's logits (`[1, s, V]`), computed on the device; only the
+/// id is read back.
+pub fn argmax_last<B: Backend>(logits: Tensor<B, 3>) -> u32 {
+    let [_, s, v] = logits.dims();
+    let id = logits
+        .narrow(1, s - 1, 1)
+        .reshape([1, v])
+        .argmax(1)
+        .into_data()
+        .iter::<i64>()
+        .next()
+        .expect("one id");
+    id as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampler::argmax;
+
+    /// The device argmax picks what the host sampler's greedy rule picks, first index on ties
+    /// included, from the last position only.
+    #[test]
+    fn device_argmax_equals_host_argmax() {
+        type B = burn::backend::NdArray<f32>;
+        let dev = Default::default();
+        let v = 37;
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        for case in 0..20 {
+            let mut rows: Vec<f32> = (0..3 * v)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (state >> 40) as f32 / (1u64 << 24) as f32
+                })
+                .collect();
+            if case % 2 == 1 {
+                // a tie for the maximum in the last row: the first index wins
+                let last = &mut rows[2 * v..];
+                let m = last.iter().cloned().fold(f32::MIN, f32::max) + 1.0;
+                last[5 + case] = m;
+                last[20 + case / 2] = m;
+            }
+            let want = argmax(&rows[2 * v..]);
+            let t = Tensor::<B, 3>::from_data(TensorData::new(rows, [1, 3, v]), &dev);
+            assert_eq!(argmax_last(t), want, "case {case}");
+        }
+    }
 }

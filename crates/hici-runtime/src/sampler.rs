@@ -53,6 +53,15 @@ impl Sampler {
         Self { cfg, rng }
     }
 
+    /// Whether the next id is the plain argmax of the logits (greedy, no penalty): then it can
+    /// be taken on the device, reading back one id instead of the logits row.
+    pub fn is_plain_argmax(&self) -> bool {
+        (self.cfg.greedy || self.cfg.temperature <= 0.0)
+            && self.cfg.repeat_penalty == 1.0
+            && self.cfg.presence_penalty == 0.0
+            && self.cfg.frequency_penalty == 0.0
+    }
+
     /// Picks the next id from one logits row `[V]`; `history` (prompt and generated ids) gets
     /// the repeat penalty, its last `generated` ids the presence and frequency penalties.
     pub fn sample(&mut self, logits: &[f32], history: &[u32], generated: usize) -> u32 {
