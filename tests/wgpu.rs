@@ -361,12 +361,6 @@ fn wgpu_flash_kernel_on_the_flash_form_matches_exact_attention() {
         .expect("burn's FlashUnit kernel runs on this adapter");
         Tensor::<Cube, 4>::from_primitive(TensorPrimitive::Float(out))
     };
-    let max_diff = |a: Vec<f32>, b: Vec<f32>| {
-        a.iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max)
-    };
     // (few shapes: lavapipe compiles the flash kernel anew for each, about a minute apiece)
     for (nh, nkv, q_len, k_len) in [(4, 2, 20, 32), (2, 2, 20, 32), (4, 2, 1, 40)] {
         let t = |h: usize, len: usize, seed: u64| {
@@ -388,7 +382,7 @@ fn wgpu_flash_kernel_on_the_flash_form_matches_exact_attention() {
             },
         );
         let want = to_vec_f32(attend_naive(q.clone(), k.clone(), v.clone()));
-        let diff = max_diff(to_vec_f32(flash), want.clone());
+        let diff = max_abs_diff(&to_vec_f32(flash), &want);
         if q_len > 1 && nh == nkv && k_len > q_len {
             // the same kernel with `is_causal` on the unpadded, non-square call: top-left
             let opts = burn::tensor::ops::AttentionModuleOptions {
@@ -396,7 +390,7 @@ fn wgpu_flash_kernel_on_the_flash_form_matches_exact_attention() {
                 softcap: None,
                 is_causal: true,
             };
-            let raw = max_diff(to_vec_f32(flash_unit(q, k, v, None, opts)), want);
+            let raw = max_abs_diff(&to_vec_f32(flash_unit(q, k, v, None, opts)), &want);
             eprintln!("  unpadded is_causal: max |diff| {raw:.2e}");
             assert!(
                 raw > 0.1,

@@ -80,24 +80,41 @@ fn mask_rule_is_bottom_right_with_visible_prefix() {
     }
 }
 
-/// Max |tiled - naive| for random `[b, nh|nkv, len, d]` inputs drawn from `seed..seed + 3`.
-fn tiled_vs_naive(
+/// Random `q: [b, nh, q_len, d]`, `k`/`v`: `[b, nkv, k_len, d]` drawn from `seed..seed + 3`.
+fn random_qkv(
     (b, nh, nkv, d): (usize, usize, usize, usize),
+    q_len: usize,
+    k_len: usize,
+    seed: u64,
+) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    (
+        t(rnd(b * nh * q_len * d, seed), [b, nh, q_len, d]),
+        t(rnd(b * nkv * k_len * d, seed + 1), [b, nkv, k_len, d]),
+        t(rnd(b * nkv * k_len * d, seed + 2), [b, nkv, k_len, d]),
+    )
+}
+
+/// Max |a - b| of two outputs of the same shape.
+fn max_abs_diff(a: Tensor<B, 4>, b: Tensor<B, 4>) -> f32 {
+    let (a, b) = (to_vec_f32(a), to_vec_f32(b));
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Max |tiled - naive| for random inputs ([`random_qkv`]).
+fn tiled_vs_naive(
+    shape: (usize, usize, usize, usize),
     q_len: usize,
     k_len: usize,
     tiles: Tiles,
     seed: u64,
 ) -> f32 {
-    let q = t(rnd(b * nh * q_len * d, seed), [b, nh, q_len, d]);
-    let k = t(rnd(b * nkv * k_len * d, seed + 1), [b, nkv, k_len, d]);
-    let v = t(rnd(b * nkv * k_len * d, seed + 2), [b, nkv, k_len, d]);
-    let a = to_vec_f32(attend_tiled(q.clone(), k.clone(), v.clone(), tiles));
-    let n = to_vec_f32(attend_naive(q, k, v));
-    assert_eq!(a.len(), n.len());
-    a.iter()
-        .zip(&n)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    let (q, k, v) = random_qkv(shape, q_len, k_len, seed);
+    let a = attend_tiled(q.clone(), k.clone(), v.clone(), tiles);
+    max_abs_diff(a, attend_naive(q, k, v))
 }
 
 #[test]
@@ -195,9 +212,7 @@ fn flash_vs_naive(
     mask_elems: usize,
     seed: u64,
 ) -> (f32, usize) {
-    let q = t(rnd(b * nh * q_len * d, seed), [b, nh, q_len, d]);
-    let k = t(rnd(b * nkv * k_len * d, seed + 1), [b, nkv, k_len, d]);
-    let v = t(rnd(b * nkv * k_len * d, seed + 2), [b, nkv, k_len, d]);
+    let (q, k, v) = random_qkv((b, nh, nkv, d), q_len, k_len, seed);
     let mut calls = 0;
     let got = attend_flash_with(
         q.clone(),
@@ -222,14 +237,7 @@ fn flash_vs_naive(
     );
     let plan = flash_plan(q_len, k_len, b, nh, nkv, mask_elems);
     assert_eq!(calls, plan.len(), "{plan:?}");
-    let got = to_vec_f32(got);
-    let want = to_vec_f32(attend_naive(q, k, v));
-    assert_eq!(got.len(), want.len());
-    let diff = got
-        .iter()
-        .zip(&want)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max);
+    let diff = max_abs_diff(got, attend_naive(q, k, v));
     (diff, calls)
 }
 
