@@ -20,6 +20,7 @@ pub(crate) mod matmul;
 // HiCI patch: few-row f32 products without packing (see the module doc).
 #[cfg(feature = "std")]
 pub(crate) mod matvec;
+pub(crate) mod qmatvec;
 pub(crate) mod maxpool;
 pub(crate) mod padding;
 pub(crate) mod quantization;

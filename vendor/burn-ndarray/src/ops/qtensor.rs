@@ -46,7 +46,10 @@ where
                         ..
                     } => {
                         // We can load QuantStore::U32 w/ QuantizedBytes impl
-                        let (values, qparams) = q_bytes.into_vec_i8();
+                        let (mut values, qparams) = q_bytes.into_vec_i8();
+                        // HiCI patch: the values keep the capacity of values + scales (and of
+                        // any growth while the scales were appended); hand the rest back.
+                        values.shrink_to_fit();
                         let data = TensorData::new(values, shape);
                         // Overwrite storage
                         let scheme = scheme.with_store(QuantStore::Native);
@@ -180,7 +183,23 @@ where
         let shape = tensor.shape();
         let data = match tensor.qtensor {
             NdArrayTensor::I8(storage) => {
-                let data = storage.into_shared().into_iter().collect();
+                let array = storage.into_shared();
+                // HiCI patch: the scales follow the values' storage order. A permuted view
+                // (e.g. a transposed weight) is dequantized in storage order, then permuted
+                // back; iterating it in logical order would pair values with other blocks'
+                // scales.
+                if let Some((axes, inverse)) = storage_permutation(&array) {
+                    let stored = array.permuted_axes(axes.as_slice());
+                    let stored_shape = Shape::from(stored.shape().to_vec());
+                    let data = stored.into_iter().collect();
+                    let data = dequantize(data, stored_shape, scheme, &strategy, dtype.into());
+                    return execute_with_dtype!(
+                        NdArrayTensor::from_data(data),
+                        E,
+                        |a: SharedArray<E>| NdArrayOps::permute(a, &inverse)
+                    );
+                }
+                let data = array.into_iter().collect();
                 dequantize(data, shape, scheme, &strategy, dtype.into())
             }
             _ => unreachable!(),
@@ -323,6 +342,47 @@ where
         })
     }
 
+    fn q_matmul(
+        lhs: burn_backend::TensorPrimitive<Self>,
+        rhs: burn_backend::TensorPrimitive<Self>,
+    ) -> burn_backend::TensorPrimitive<Self> {
+        use burn_backend::TensorPrimitive;
+        use burn_backend::quantization::QuantPropagation;
+        // HiCI patch: `x · Wᵀ` with W an 8-bit block-quantized `[n, k]` weight runs without
+        // dequantizing W (see `qmatvec`).
+        if let (TensorPrimitive::Float(x), TensorPrimitive::QFloat(w)) = (&lhs, &rhs) {
+            if let Some(y) = q8_transposed_product(x, w) {
+                return TensorPrimitive::Float(y);
+            }
+        }
+        // Otherwise burn's default: dequantize (this backend's, layout-aware) and multiply.
+        let mut propagation = QuantPropagation::Inhibit;
+        let mut scheme = QuantScheme::default();
+        let target: Option<FloatDType> = match (&lhs, &rhs) {
+            (TensorPrimitive::Float(t), _) | (_, TensorPrimitive::Float(t)) => {
+                Some(t.dtype().into())
+            }
+            _ => None,
+        };
+        let mut float = |t: TensorPrimitive<Self>| match t {
+            TensorPrimitive::Float(t) => t,
+            TensorPrimitive::QFloat(t) => {
+                propagation = burn_backend::QTensorPrimitive::propagation(&t);
+                scheme = t.scheme;
+                let dtype = target.unwrap_or_else(|| E::dtype().into());
+                Self::dequantize(t, dtype)
+            }
+        };
+        let (lhs, rhs) = (float(lhs), float(rhs));
+        let out = <Self as burn_backend::ops::FloatTensorOps<Self>>::float_matmul(lhs, rhs);
+        match propagation {
+            QuantPropagation::Propagate => {
+                TensorPrimitive::QFloat(Self::quantize_dynamic(out, &scheme))
+            }
+            QuantPropagation::Inhibit => TensorPrimitive::Float(out),
+        }
+    }
+
     fn q_expand(tensor: QuantizedTensor<Self>, shape: Shape) -> QuantizedTensor<Self> {
         NdArrayQTensor {
             qtensor: execute_with_dtype!(tensor.qtensor, E, |array: SharedArray<E>| {
@@ -350,4 +410,69 @@ fn dequantize<Q: QuantElement>(
     let q_bytes = QuantizedBytes::new(data, scheme, &qparams);
     let (values, _qparams) = q_bytes.into_vec_i8();
     TensorData::new(strategy.dequantize(&values), shape).convert_dtype(dtype)
+}
+
+/// HiCI patch: the axes order that makes a permuted view of a contiguous buffer contiguous
+/// again (`axes`, largest stride first) and its inverse, when `array` is such a view and not
+/// already in standard layout.
+fn storage_permutation<E>(array: &SharedArray<E>) -> Option<(Vec<usize>, Vec<usize>)> {
+    if array.is_standard_layout() {
+        return None;
+    }
+    let strides = array.strides();
+    let mut axes: Vec<usize> = (0..strides.len()).collect();
+    axes.sort_by_key(|&a| core::cmp::Reverse(strides[a]));
+    let view = array.view().permuted_axes(axes.as_slice());
+    if !view.is_standard_layout() {
+        return None;
+    }
+    let mut inverse = vec![0; axes.len()];
+    for (i, &a) in axes.iter().enumerate() {
+        inverse[a] = i;
+    }
+    Some((axes, inverse))
+}
+
+/// HiCI patch: `x · w` where `x` is f32 `[m, k]` and `w` is the transposed view (`[k, n]`,
+/// strides `[1, k]`) of an 8-bit weight `[n, k]` quantized in blocks of 32 along `k`; `None`
+/// for anything else (the caller takes the general path).
+fn q8_transposed_product(x: &NdArrayTensor, w: &NdArrayQTensor) -> Option<NdArrayTensor> {
+    use super::qmatvec::{BLOCK, q8_matmul_t};
+    use burn_backend::quantization::BlockSize;
+    let (NdArrayTensor::F32(x), NdArrayTensor::I8(q)) = (x, &w.qtensor) else {
+        return None;
+    };
+    let block_ok = match w.scheme.level {
+        QuantLevel::Block(b) => b == BlockSize::new([BLOCK as u8]),
+        QuantLevel::Tensor => false,
+    };
+    if !block_ok
+        || w.scheme.mode != QuantMode::Symmetric
+        || !matches!(w.scheme.value, QuantValue::Q8S | QuantValue::Q8F)
+    {
+        return None;
+    }
+    let (x, q) = (x.view(), q.view());
+    if x.ndim() != 2 || q.ndim() != 2 {
+        return None;
+    }
+    let (m, k) = (x.shape()[0], x.shape()[1]);
+    let (k2, n) = (q.shape()[0], q.shape()[1]);
+    if k != k2 || k % BLOCK != 0 || m == 0 || n == 0 || w.qparams.len() != n * k / BLOCK {
+        return None;
+    }
+    // `[n, k]` in standard layout once the view is transposed back
+    let qt = q.reversed_axes();
+    let q = qt.as_slice()?;
+    let xs;
+    let x = match x.as_slice() {
+        Some(s) => s,
+        None => {
+            xs = x.iter().copied().collect::<Vec<f32>>();
+            &xs
+        }
+    };
+    let y = q8_matmul_t(x, m, k, q, &w.qparams, n);
+    let y = ndarray::Array::from_shape_vec(ndarray::IxDyn(&[m, n]), y).ok()?;
+    Some(NdArrayTensor::F32(y.into_shared().into()))
 }
