@@ -30,6 +30,45 @@ fn tiny_gguf() -> PathBuf {
     path
 }
 
+/// The CLI on a quantized GGUF (the fixture's matrices in Q4_1): `--weights native` (kept in
+/// 8-bit blocks, the default) generates the ids of `--weights f32` (expanded on load).
+#[test]
+fn quantized_gguf_generates_like_its_f32_expansion() {
+    let ck = load_checkpoint(
+        &common::fixture().join("base"),
+        None,
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let mut w = llama_gguf_writer(&ck).unwrap();
+    assert!(w.quantize_matrices(hici::io::gguf::quants::GgmlType::Q4_1) >= 7);
+    let path = scratch(&format!("tiny-q4_1-{}.gguf", std::process::id()));
+    std::fs::write(&path, w.to_bytes()).unwrap();
+    let ids = ids_arg(&[1, 450, 496, 173, 17]);
+    let run = |weights: &str| {
+        let out = hici(&[
+            "generate",
+            "--model",
+            path.to_str().unwrap(),
+            "--weights",
+            weights,
+            "--prompt-ids",
+            &ids,
+            "--max-new-tokens",
+            "8",
+            "--ignore-eos",
+            "--json",
+        ]);
+        generated(&json_of(&out))
+    };
+    let native = run("native");
+    assert_eq!(native.len(), 8);
+    assert_eq!(native, run("f32"));
+    let out = hici(&["generate", "--weights", "q3", "--prompt", "x"]);
+    assert_clean_error(&out, "q3");
+    std::fs::remove_file(&path).ok();
+}
+
 #[test]
 fn gguf_of_the_fixture_generates_like_its_base_directory() {
     let g = tiny_gguf();

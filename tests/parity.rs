@@ -6,6 +6,9 @@ mod common;
 /// The ndarray backend's few-row product path against an f64 reference.
 #[path = "parity/matmul.rs"]
 mod matmul;
+/// Quantized weights: kernels and quantized GGUF models against their dequantized reference.
+#[path = "parity/quantized.rs"]
+mod quantized;
 /// SmolLM2 (GGUF) against an independent reference.
 #[path = "parity/smollm2.rs"]
 mod smollm2;

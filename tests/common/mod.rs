@@ -2,7 +2,10 @@
 #![allow(dead_code)]
 
 use hici::io::{load_checkpoint, LoadOptions};
-use hici::model::{HiciLlama, LoraMode};
+use hici::model::lora::QuantWeight;
+use hici::model::synthetic::XorShift;
+use hici::model::weights::BlockQuant;
+use hici::model::{to_vec_f32, HiciLlama, LoraMode};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -237,7 +240,7 @@ pub fn batched_vs_single<Bk: burn::tensor::backend::Backend>(
     cache: hici::model::DecodeCache,
     steps: usize,
 ) -> (f32, bool) {
-    use hici::model::{to_vec_f32, Logits};
+    use hici::model::Logits;
     use hici::runtime::sampler::argmax;
     let v = model.vocab_size();
     let prefill = |p: &Vec<i64>| {
@@ -284,4 +287,99 @@ pub fn batched_vs_single<Bk: burn::tensor::backend::Backend>(
         }
     }
     (worst, same)
+}
+
+/// A random `[rows, cols]` weight in 8-bit blocks (values in [-127, 127], scales ~1e-2,
+/// offsets when asked).
+pub fn random_blocks(rows: usize, cols: usize, offsets: bool, seed: u64) -> BlockQuant {
+    let mut rng = XorShift::new(seed);
+    let n = rows * cols;
+    let values = (0..n)
+        .map(|_| (rng.next_u64() % 255) as i32 - 127)
+        .map(|v| v as i8)
+        .collect();
+    let mut real = |lo: f32, span: f32| lo + span * rng.next_f32();
+    let scales = (0..n / 32).map(|_| real(0.002, 0.02)).collect();
+    let offsets = offsets.then(|| (0..n / 32).map(|_| real(-0.3, 0.6)).collect());
+    BlockQuant {
+        rows,
+        cols,
+        values,
+        scales,
+        offsets,
+    }
+}
+
+/// burn's quantized weights (`QuantWeight`) against an f64 product with their dequantized
+/// values: few rows (decode), many rows (prefill), with and without per-block offsets, a 3-D
+/// input, and (`transposed_dequantize`) a transposed view dequantized back (the scales follow
+/// the storage order; fixed in vendor/burn-ndarray, wrong on CubeCL 0.21, and the model never
+/// does it). Tolerance: `tol` relative to the sum of |terms| (f32 rounding over k <= 576 terms
+/// is ~1e-6; half-precision tiles on a GPU need more). Returns the worst relative error.
+pub fn check_quantized_linear<Bk: burn::tensor::backend::Backend>(
+    dev: &Bk::Device,
+    tol: f64,
+    transposed_dequantize: bool,
+) -> f64 {
+    use burn::tensor::{Tensor, TensorData};
+    let mut worst = 0f64;
+    for (i, &(m, k, n, off)) in [
+        (1, 64, 96, false),
+        (1, 576, 1536, true),
+        (3, 128, 200, false),
+        (16, 96, 64, true),
+        (17, 64, 300, false),
+        (300, 128, 520, true),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let q = random_blocks(n, k, off, 7 + i as u64);
+        let dense = q.dequantize().data; // [n, k]
+        let mut rng = XorShift::new(100 + i as u64);
+        let x: Vec<f32> = (0..m * k).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
+        let w = QuantWeight::<Bk>::from_blocks(&q, dev);
+        let xt = Tensor::<Bk, 2>::from_data(TensorData::new(x.clone(), [m, k]), dev);
+        let got2 = to_vec_f32(w.forward(xt.clone()));
+        let got3 = to_vec_f32(w.forward(xt.reshape([1, m, k])));
+        assert_eq!(got2, got3, "2-D and 3-D inputs, m={m} k={k} n={n}");
+        for r in 0..m {
+            for j in 0..n {
+                let (mut s, mut a) = (0f64, 0f64);
+                for c in 0..k {
+                    let t = x[r * k + c] as f64 * dense[j * k + c] as f64;
+                    s += t;
+                    a += t.abs();
+                }
+                let err = (got2[r * n + j] as f64 - s).abs() / a.max(1.0);
+                worst = worst.max(err);
+                assert!(
+                    err <= tol,
+                    "m={m} k={k} n={n} offsets={off} ({r}, {j}): {} vs {s}",
+                    got2[r * n + j]
+                );
+            }
+        }
+        if !transposed_dequantize {
+            continue;
+        }
+        // the weight's transposed view, dequantized: dense^T (without the offsets)
+        let back = to_vec_f32(w.values.val().transpose().dequantize());
+        let plain = BlockQuant {
+            offsets: None,
+            ..q.clone()
+        }
+        .dequantize()
+        .data;
+        for c in 0..k {
+            for j in 0..n {
+                let (g, e) = (back[c * n + j], plain[j * k + c]);
+                assert!(
+                    (g - e).abs() <= 1e-6 * e.abs().max(1.0),
+                    "transposed dequantize ({c}, {j}): {g} vs {e}"
+                );
+            }
+        }
+    }
+    worst
 }

@@ -12,8 +12,8 @@
 use super::common;
 use burn::prelude::*;
 use common::B;
-use hici::io::{load_gguf, GgufFile, LoadOptions};
-use hici::model::{to_vec_f32, AttentionMode, DecodeCache, HiciLlama, Logits, LoraMode};
+use hici::io::GgufFile;
+use hici::model::{to_vec_f32, AttentionMode, DecodeCache, HiciLlama, Logits};
 use hici::runtime::generate::{generate, GenerateOptions};
 use hici::runtime::sampler::SamplingConfig;
 use hici::runtime::template::{ChatFormat, ChatMessage};
@@ -120,8 +120,9 @@ fn logits_greedy_ids_and_nll_match_the_reference() {
         return;
     };
     let r = reference();
-    let g = load_gguf(&path, &LoadOptions::default()).unwrap();
-    let cfg = g.checkpoint.config.clone();
+    // the weights as users run them: kept in 8-bit blocks (Q4_1 matrices, Q8_0 embedding)
+    let model = super::quantized::gguf_model(&path, true);
+    let cfg = model.config().clone();
     assert!(cfg.llama.tie_word_embeddings && cfg.hici.is_none());
     assert_eq!(
         (
@@ -131,14 +132,7 @@ fn logits_greedy_ids_and_nll_match_the_reference() {
         ),
         (30, 576, 3)
     );
-    let mut w = g.checkpoint.weights;
     let dev = Default::default();
-    let model = HiciLlama::<B>::from_weights(&cfg, None, LoraMode::Merged, &mut w, &dev).unwrap();
-    assert!(
-        w.is_empty(),
-        "unused tensors: {:?}",
-        w.keys().take(3).collect::<Vec<_>>()
-    );
     let tok = tokenizer(&path);
 
     // story: prompt ids, logits at three positions, 32 greedy ids
@@ -190,6 +184,24 @@ fn logits_greedy_ids_and_nll_match_the_reference() {
     assert!(worst < 1e-3, "story logits differ by {worst}");
     let got = greedy(&model, &prompt, 32, vec![]);
     assert_eq!(got, ids(&story["greedy_ids"]), "story greedy ids");
+    // the same file expanded to f32 (`--weights f32`, the dequantized reference): the same
+    // greedy ids, logits within float noise of the quantized run (|logit| ~ 20)
+    {
+        let f = super::quantized::gguf_model(&path, false);
+        let t = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(prompt.iter().map(|&x| x as i64).collect::<Vec<_>>(), [1, n]),
+            &dev,
+        );
+        let lf = to_vec_f32(f.forward(t, AttentionMode::Full).unwrap());
+        let d = common::max_abs_diff(&logits, &lf);
+        eprintln!("story logits, quantized vs f32 weights: max |diff| {d:.2e}");
+        assert!(d < 1e-3, "quantized vs f32 weights: logits differ by {d}");
+        assert_eq!(
+            greedy(&f, &prompt, 32, vec![]),
+            got,
+            "f32 weights greedy ids"
+        );
+    }
 
     // chat: the answer mentions Paris, ids equal the reference's up to <|im_end|>
     for key in ["chat", "chat_system"] {
@@ -221,12 +233,7 @@ fn batched_decode_equals_batch_one_on_smollm2() {
     let Some(path) = common::real_model("smollm2") else {
         return;
     };
-    let g = load_gguf(&path, &LoadOptions::default()).unwrap();
-    let cfg = g.checkpoint.config.clone();
-    let mut w = g.checkpoint.weights;
-    let dev = Default::default();
-    let model =
-        HiciLlama::<B>::from_weights(&cfg, None, LoraMode::Merged, &mut w, &dev).expect("model");
+    let model = super::quantized::gguf_model(&path, true);
     let prompts: Vec<Vec<i64>> = [5usize, 60, 400]
         .iter()
         .map(|&n| (0..n as i64).map(|i| (i * 7919 + 13) % 49000 + 2).collect())

@@ -10,6 +10,7 @@ use hici_io::{
     load_checkpoint, load_converted, load_gguf, Checkpoint, GgufSummary, GgufVocab, LoadOptions,
     LoadReport,
 };
+use hici_model::weights::MixedWeights;
 use hici_model::{AttentionKernel, AttentionMode, DecodeCache, HiciLlama, LoraMode};
 use hici_runtime::generate::GenerateOptions;
 use hici_runtime::sampler::SamplingConfig;
@@ -103,6 +104,8 @@ pub struct LoadSpec {
     pub context_size: Option<usize>,
     pub attention: AttentionChoice,
     pub lora: LoraMode,
+    /// Expand the linear weights of quantized files to f32 (default: keep them quantized).
+    pub dequantize: bool,
     /// Show a spinner on stderr while loading.
     pub progress: bool,
 }
@@ -124,6 +127,7 @@ impl Default for LoadSpec {
             context_size: None,
             attention: AttentionChoice::Auto,
             lora: LoraMode::Merged,
+            dequantize: false,
             progress: true,
         }
     }
@@ -140,6 +144,15 @@ pub fn dtype_name(d: DType) -> &'static str {
 }
 
 impl LoadSpec {
+    /// Whether the linear weights of quantized files stay quantized: asked for (`dequantize`
+    /// unset) and on a backend whose quantized product is verified. Only ndarray qualifies
+    /// (vendor/burn-ndarray's block kernels): burn 0.21's CubeCL quantized matmul returns
+    /// wrong products for a transposed block-quantized weight (measured on wgpu/lavapipe, a
+    /// `[1, 576] x [576, 1536]` product off by 5x), so wgpu and CUDA expand such files to f32.
+    pub fn keeps_quantized(&self) -> bool {
+        !self.dequantize && matches!(self.device, DeviceChoice::Ndarray)
+    }
+
     /// The mode for a model with (`has_hici`) or without HiCI modules: the default follows the
     /// model; a HiCI mode on a plain model is an error.
     pub fn resolve_mode(&self, has_hici: bool) -> Result<AttentionMode> {
@@ -256,11 +269,14 @@ pub fn load<B: Backend>(args: &LoadSpec, device: &B::Device) -> Result<Loaded<B>
         tracing::info!("{note}");
     }
     pb.set_message("building model");
-    let mut weights = ck.weights;
+    let mut weights = MixedWeights {
+        dense: ck.weights,
+        quantized: ck.quantized,
+    };
     let model = HiciLlama::<B>::from_weights(&ck.config, ck.lora, args.lora, &mut weights, device)
         .context("building the model")?;
     if !weights.is_empty() {
-        let names: Vec<_> = weights.keys().take(5).cloned().collect();
+        let names: Vec<_> = weights.names().take(5).cloned().collect();
         bail!(
             "{} tensor(s) in the checkpoint are not used by the model, e.g. {}",
             weights.len(),
@@ -367,6 +383,7 @@ fn load_options(args: &LoadSpec, hici_heads: usize) -> LoadOptions {
         gi_heads: None,
         rope_factor: args.rope_scale,
         context_size: args.context_size,
+        keep_quantized: args.keeps_quantized(),
     }
 }
 
@@ -450,7 +467,19 @@ pub fn read_checkpoint(args: &LoadSpec) -> Result<CheckpointSource> {
                 );
             }
             // the reader's errors name the file already
-            let g = load_gguf(&path, &load_options(args, 8))?;
+            let mut g = load_gguf(&path, &load_options(args, 8))?;
+            let quantized_file = g
+                .summary
+                .file_type
+                .as_deref()
+                .is_some_and(|t| t.contains("_Q"));
+            if quantized_file && !args.dequantize && !args.keeps_quantized() {
+                g.checkpoint.report.notes.push(
+                    "quantized weights are expanded to f32 on this device (burn 0.21's GPU \
+                     quantized matmul is not exact here; kept quantized on --device ndarray)"
+                        .into(),
+                );
+            }
             let chat_template = g.vocab.as_ref().and_then(|v| v.chat_template.clone());
             Ok(CheckpointSource {
                 checkpoint: g.checkpoint,

@@ -17,7 +17,7 @@ use crate::peft::{find_adapter_weights, index_adapter, parse_lora_key, read_adap
 use crate::tensor_file::FloatType;
 use crate::trainable::{find_trainable_params, index_trainable_params};
 use hici_model::config::{resolve_rope_factor, HiciConfig, LlamaConfig, LoraConfig, ModelConfig};
-use hici_model::weights::{HostTensor, WeightMap};
+use hici_model::weights::{HostTensor, QuantMap, WeightMap};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,6 +40,9 @@ pub struct LoadOptions {
     /// `config.json` `rope_scaling` gives one. `None` = [`DEFAULT_HICI_CONTEXT`] when HiCI
     /// modules are present, else no scaling.
     pub context_size: Option<usize>,
+    /// Keep the linear weights of quantized files (GGUF Q8_0, Q4_0, Q4_1, K-quants, ...)
+    /// quantized instead of expanding them to f32. Default true.
+    pub keep_quantized: bool,
 }
 
 impl Default for LoadOptions {
@@ -49,6 +52,7 @@ impl Default for LoadOptions {
             gi_heads: None,
             rope_factor: None,
             context_size: None,
+            keep_quantized: true,
         }
     }
 }
@@ -82,8 +86,10 @@ pub struct Checkpoint {
     pub config: ModelConfig,
     /// LoRA hyper-parameters when an adapter with `adapter_config.json` was loaded.
     pub lora: Option<LoraConfig>,
-    /// All tensors, f32, PyTorch layout, names without `base_model.model.`.
+    /// All float tensors, f32, PyTorch layout, names without `base_model.model.`.
     pub weights: WeightMap,
+    /// Tensors kept in 8-bit blocks (quantized files), same names and layout.
+    pub quantized: QuantMap,
     pub report: LoadReport,
 }
 
@@ -194,6 +200,7 @@ impl CheckpointPlan {
             config: self.config,
             lora: self.lora,
             weights,
+            quantized: QuantMap::new(),
             report: self.report,
         })
     }

@@ -37,7 +37,7 @@ use crate::peft::parse_lora_key;
 use crate::tensor_file::{check_finite, FloatType, TensorFile, MAX_SAFETENSORS_HEADER};
 use half::{bf16, f16};
 use hici_model::config::{LoraConfig, ModelConfig};
-use hici_model::weights::{HostTensor, WeightMap};
+use hici_model::weights::{HostTensor, QuantMap, WeightMap};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -743,6 +743,7 @@ pub fn load_converted(path: &Path) -> Result<Checkpoint, IoError> {
         config: info.config,
         lora: info.lora,
         weights,
+        quantized: QuantMap::new(),
         report: LoadReport {
             files: vec![path.to_path_buf()],
             notes,

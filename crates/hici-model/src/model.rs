@@ -7,13 +7,14 @@ use crate::config::{LoraConfig, LoraMode, ModelConfig};
 use crate::error::ModelError;
 use crate::hici::broadcast::{segment_count, SegmentRule};
 use crate::layer::{DecoderLayer, RmsNorm};
-use crate::lora::Linear;
+use crate::lora::{Linear, LinearWeight, QuantWeight};
 use crate::rope::Rope;
 use crate::tensor_util::to_param;
-use crate::weights::{take_shaped, WeightSource};
+use crate::weights::{take_shaped, BlockQuant, WeightSource};
 use burn::module::{ModuleMapper, Param};
 use burn::prelude::*;
 use burn::tensor::DType;
+use std::sync::Arc;
 
 /// Attention mode of a forward pass (replaces the reference's module-level switches).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,11 +72,22 @@ pub struct LayerTrace<B: Backend> {
 /// Final hidden states `[b, S, H]`, the decode cache (if asked) and per-layer traces.
 type RunOutput<B> = (Tensor<B, 3>, Option<KvCache<B>>, Vec<LayerTrace<B>>);
 
+/// The token embedding as read: float, or block-quantized.
+enum Embed {
+    Dense(crate::weights::HostTensor),
+    Quantized(Arc<BlockQuant>),
+}
+
 /// Llama-2 with HiCI in every attention layer.
 #[derive(Module, Debug)]
 pub struct HiciLlama<B: Backend> {
-    /// `[V, H]`.
-    pub embed_tokens: Param<Tensor<B, 2>>,
+    /// `[V, H]` float table on the device; `None` when the table is quantized (then
+    /// `embed_host` holds it).
+    pub embed_tokens: Option<Param<Tensor<B, 2>>>,
+    /// `[V, H]` block-quantized table kept on the host (as llama.cpp keeps its token
+    /// embeddings on the CPU): a lookup dequantizes the rows it needs and uploads `[b, S, H]`.
+    #[module(skip)]
+    pub embed_host: Option<Arc<BlockQuant>>,
     pub layers: Vec<DecoderLayer<B>>,
     pub norm: RmsNorm<B>,
     /// `H -> V`, untied.
@@ -105,23 +117,48 @@ impl<B: Backend> HiciLlama<B> {
         cfg.validate()?;
         let l = &cfg.llama;
         let (v, h) = (l.vocab_size, l.hidden_size);
-        let embed = take_shaped(src, "model.embed_tokens.weight", &[v, h])?;
+        let embed_name = "model.embed_tokens.weight";
+        let embed = match src.take_quantized(embed_name) {
+            Some(q) => {
+                q.check(embed_name)?;
+                if q.shape() != [v, h] {
+                    return Err(ModelError::ShapeMismatch {
+                        name: embed_name.into(),
+                        expected: vec![v, h],
+                        found: q.shape().to_vec(),
+                    });
+                }
+                Embed::Quantized(Arc::new(q))
+            }
+            None => Embed::Dense(take_shaped(src, embed_name, &[v, h])?),
+        };
         let mut layers = Vec::with_capacity(l.num_hidden_layers);
         for i in 0..l.num_hidden_layers {
             layers.push(DecoderLayer::load(src, i, cfg, lora, mode, device)?);
         }
         let norm = RmsNorm::load(src, "model.norm.weight", h, l.rms_norm_eps, device)?;
-        let lm_head = if l.tie_word_embeddings {
+        let lm_head = match (&embed, l.tie_word_embeddings) {
             // the embedding as a contiguous `[H, V]` weight (a transposed view of the `[V, H]`
             // embedding would make every logits product walk it with a stride of V)
-            Linear {
-                weight: to_param::<B, 2>(crate::tensor_util::transpose_host(&embed), device),
-            }
-        } else {
-            Linear::load(src, "lm_head.weight", h, v, device)?
+            (Embed::Dense(e), true) => Linear {
+                weight: LinearWeight::Dense(to_param::<B, 2>(
+                    crate::tensor_util::transpose_host(e),
+                    device,
+                )),
+            },
+            // a quantized table is already in the `[out, in]` layout of a quantized weight
+            (Embed::Quantized(q), true) => Linear {
+                weight: LinearWeight::Quantized(QuantWeight::from_blocks(q, device)),
+            },
+            (_, false) => Linear::load(src, "lm_head.weight", h, v, device)?,
+        };
+        let (embed_tokens, embed_host) = match embed {
+            Embed::Dense(e) => (Some(to_param(e, device)), None),
+            Embed::Quantized(q) => (None, Some(q)),
         };
         Ok(Self {
-            embed_tokens: to_param(embed, device),
+            embed_tokens,
+            embed_host,
             layers,
             norm,
             lm_head,
@@ -136,13 +173,13 @@ impl<B: Backend> HiciLlama<B> {
     ///
     /// Errors when the device does not support `dtype` (ndarray: f32/f64 only; wgpu: no bf16).
     pub fn with_dtype(self, dtype: DType) -> Result<Self, ModelError> {
-        let device = self.embed_tokens.device();
+        let device = self.device();
         if !B::supports_dtype(&device, dtype) {
             return Err(ModelError::Config(format!(
                 "this device does not support {dtype:?} tensors"
             )));
         }
-        if self.embed_tokens.dtype() == dtype {
+        if self.dtype() == dtype {
             return Ok(self);
         }
         struct Cast(DType);
@@ -151,7 +188,11 @@ impl<B: Backend> HiciLlama<B> {
                 &mut self,
                 param: Param<Tensor<B, D>>,
             ) -> Param<Tensor<B, D>> {
-                param.map(|t| t.cast(self.0))
+                // quantized weights stay quantized (their matmul yields the input's dtype)
+                param.map(|t| match t.dtype() {
+                    DType::QFloat(_) => t,
+                    _ => t.cast(self.0),
+                })
             }
         }
         Ok(self.map(&mut Cast(dtype)))
@@ -159,7 +200,7 @@ impl<B: Backend> HiciLlama<B> {
 
     /// The dtype of the weights.
     pub fn dtype(&self) -> DType {
-        self.embed_tokens.dtype()
+        self.norm.weight.dtype()
     }
 
     /// Chooses the attention implementation (default [`AttentionKernel::Exact`]).
@@ -175,14 +216,36 @@ impl<B: Backend> HiciLlama<B> {
 
     /// Vocabulary size (rows of the embedding).
     pub fn vocab_size(&self) -> usize {
-        self.embed_tokens.dims()[0]
+        self.config.llama.vocab_size
+    }
+
+    /// Whether any linear weight is kept quantized.
+    pub fn is_quantized(&self) -> bool {
+        self.embed_host.is_some()
+            || self.lm_head.weight.is_quantized()
+            || self
+                .layers
+                .iter()
+                .any(|l| l.mlp.down_proj.weight.is_quantized())
     }
 
     /// `ids: [b, S]` -> `[b, S, H]`.
     pub fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
         let [b, s] = ids.dims();
-        let h = self.embed_tokens.dims()[1];
-        self.embed_tokens
+        let h = self.config.llama.hidden_size;
+        let Some(table) = &self.embed_tokens else {
+            let table = self.embed_host.as_ref().expect("a token embedding table");
+            // ids were range-checked by the callers; one read-back of b*S ids
+            let ids = ids.into_data().convert::<i64>();
+            let ids = ids.as_slice::<i64>().expect("i64 ids after convert");
+            let mut rows = vec![0f32; b * s * h];
+            for (out, &id) in rows.chunks_exact_mut(h).zip(ids) {
+                table.dequantize_row(id as usize, out);
+            }
+            let x = Tensor::<B, 3>::from_data(TensorData::new(rows, [b, s, h]), &self.device());
+            return crate::tensor_util::as_dtype(x, self.dtype());
+        };
+        table
             .val()
             .select(0, ids.reshape([b * s]))
             .reshape([b, s, h])
@@ -217,7 +280,7 @@ impl<B: Backend> HiciLlama<B> {
 
     /// The device the weights live on.
     pub fn device(&self) -> B::Device {
-        self.embed_tokens.device()
+        self.norm.weight.device()
     }
 
     /// Host token ids `[n]` (checked on the host) -> a batch-1 id tensor `[1, n]`.

@@ -195,6 +195,7 @@ pub fn run<B: Backend>(
             .map(|x| x as usize),
         rope_factor: m.rope_scale,
         context_size: m.context_size,
+        keep_quantized: true,
     };
     let ck = load_checkpoint(&fx.join("base"), Some(&fx.join("adapter")), &opts)?;
     let mut checks: Vec<Value> = Vec::new();

@@ -7,12 +7,13 @@
 //! RoPE (per head `[hd/2, 2]`, i.e. rows `0, hd/2, 1, hd/2+1, ...`), where the model here (like
 //! Hugging Face) rotates halves (per head `[2, hd/2]`). [`unpermute_rows`] undoes it on load.
 
+use super::quants::BlockMapping;
 use super::{GgufFile, GgufTensorInfo, GgufValue};
 use crate::checkpoint::{Checkpoint, LoadOptions, LoadReport, ParamCounts};
 use crate::error::IoError;
 use crate::hf::{expected_base_shape, parse_layer, required_base_keys};
 use hici_model::config::{resolve_rope_factor, LlamaConfig, ModelConfig, RopeScaling};
-use hici_model::weights::{HostTensor, WeightMap};
+use hici_model::weights::{BlockQuant, HostTensor, QuantMap, WeightMap, QUANT_BLOCK};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -448,11 +449,11 @@ impl GgufFile {
 /// Reorders the rows of a q/k projection `[heads * hd, cols]` from llama.cpp's interleaved
 /// RoPE order (per head: row `2i + p` holds pair element `p` of frequency `i`) to the
 /// rotate-half order (per head: row `p * hd/2 + i`).
-pub fn unpermute_rows(data: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+pub fn unpermute_rows<T: Copy + Default>(data: &[T], heads: usize, cols: usize) -> Vec<T> {
     let rows = data.len() / cols;
     let hd = rows / heads;
     let half = hd / 2;
-    let mut out = vec![0f32; data.len()];
+    let mut out = vec![T::default(); data.len()];
     for h in 0..heads {
         for i in 0..half {
             for p in 0..2 {
@@ -540,6 +541,8 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<GgufModel, IoError> 
     let vocab = file.vocab()?;
     let summary = file.summary()?;
     let mut weights = WeightMap::new();
+    let mut quantized = QuantMap::new();
+    let mut formats = BTreeMap::<super::GgmlType, usize>::new();
     let mut used = std::collections::BTreeSet::new();
     let (heads, kv_heads) = (llama.num_attention_heads, llama.kv_heads());
     for hf in required_base_keys(&llama) {
@@ -551,14 +554,30 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<GgufModel, IoError> 
         if info.shape() != expected {
             return Err(IoError::shape(&gname, path, &expected, &info.shape()));
         }
-        let mut data = file.read_f32(info)?;
         let cols = expected[1..].iter().product::<usize>().max(1);
-        if hf.ends_with("q_proj.weight") {
-            data = unpermute_rows(&data, heads, cols);
+        let row_heads = if hf.ends_with("q_proj.weight") {
+            Some(heads)
         } else if hf.ends_with("k_proj.weight") {
-            data = unpermute_rows(&data, kv_heads, cols);
+            Some(kv_heads)
+        } else {
+            None
+        };
+        if opts.keep_quantized && info.ty.is_quantized() && expected.len() == 2 {
+            let mut q = file.read_blocks(info)?;
+            if let Some(h) = row_heads {
+                q.values = unpermute_rows(&q.values, h, cols);
+                q.scales = unpermute_rows(&q.scales, h, cols / QUANT_BLOCK);
+                q.offsets = q.offsets.map(|o| unpermute_rows(&o, h, cols / QUANT_BLOCK));
+            }
+            *formats.entry(info.ty).or_insert(0) += 1;
+            quantized.insert(hf, q);
+        } else {
+            let mut data = file.read_f32(info)?;
+            if let Some(h) = row_heads {
+                data = unpermute_rows(&data, h, cols);
+            }
+            weights.insert(hf, HostTensor::new(expected, data)?);
         }
-        weights.insert(hf, HostTensor::new(expected, data)?);
         used.insert(gname);
     }
     if let Some(extra) = file.tensors.iter().find(|t| !used.contains(&t.name)) {
@@ -571,9 +590,31 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<GgufModel, IoError> 
         rope_factor,
     };
     config.validate()?;
-    let base = weights.values().map(HostTensor::numel).sum();
+    let base = weights.values().map(HostTensor::numel).sum::<usize>()
+        + quantized.values().map(|q| q.values.len()).sum::<usize>();
+    let kept = if quantized.is_empty() {
+        "dequantized to f32".to_string()
+    } else {
+        let list: Vec<String> = formats
+            .iter()
+            .map(|(t, n)| {
+                let how = match t.block_mapping() {
+                    Some(BlockMapping::Requantized) => "re-quantized to 8 bits per 32",
+                    _ => "exact",
+                };
+                format!("{n} {} ({how})", t.name())
+            })
+            .collect();
+        format!(
+            "{} kept in 8-bit blocks of 32 ({}, {:.1} MiB), {} in f32",
+            quantized.len(),
+            list.join(", "),
+            quantized.values().map(BlockQuant::nbytes).sum::<usize>() as f64 / 1048576.0,
+            weights.len()
+        )
+    };
     let mut notes = vec![format!(
-        "GGUF v{} `{}` ({}), {} tensors dequantized to f32 in {:.2} s",
+        "GGUF v{} `{}` ({}), {} tensors: {kept}, read in {:.2} s",
         summary.version,
         summary.architecture,
         summary.file_type.as_deref().unwrap_or("file type not set"),
@@ -588,6 +629,7 @@ pub fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<GgufModel, IoError> 
             config,
             lora: None,
             weights,
+            quantized,
             report: LoadReport {
                 files: vec![path.to_path_buf()],
                 notes,

@@ -16,6 +16,7 @@ pub mod quants;
 pub mod writer;
 
 use crate::error::IoError;
+use hici_model::weights::{BlockQuant, QUANT_BLOCK};
 use quants::GgmlType;
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -474,6 +475,49 @@ impl GgufFile {
             .and_then(|_| f.read_exact(&mut buf))
             .map_err(|e| self.err(format!("reading tensor `{}`: {e}", t.name)))?;
         Ok(buf)
+    }
+
+    /// Quantized tensor `t` (`[rows, cols]`) in 8-bit blocks of 32 along its rows (see
+    /// [`quants::to_blocks`]); non-finite scales or offsets are an error.
+    pub fn read_blocks(&self, t: &GgufTensorInfo) -> Result<BlockQuant, IoError> {
+        let bytes = self.read_bytes(t)?;
+        let shape = t.shape();
+        let (rows, cols) = (shape[0], shape[1..].iter().product::<usize>());
+        if !cols.is_multiple_of(QUANT_BLOCK) {
+            return Err(self.err(format!(
+                "tensor `{}`: rows of {cols} values are not whole blocks of {QUANT_BLOCK}",
+                t.name
+            )));
+        }
+        let n = rows * cols;
+        let (mut values, mut scales, mut offsets) = (
+            vec![0i8; n],
+            vec![0f32; n / QUANT_BLOCK],
+            vec![0f32; n / QUANT_BLOCK],
+        );
+        quants::to_blocks(
+            t.ty,
+            &bytes,
+            quants::Blocks {
+                values: &mut values,
+                scales: &mut scales,
+                offsets: &mut offsets,
+            },
+        );
+        if scales.iter().chain(&offsets).any(|v| !v.is_finite()) {
+            return Err(IoError::NonFinite {
+                key: t.name.clone(),
+                file: self.path.clone(),
+            });
+        }
+        let has_offsets = t.ty.block_mapping() == Some(quants::BlockMapping::ExactWithOffset);
+        Ok(BlockQuant {
+            rows,
+            cols,
+            values,
+            scales,
+            offsets: has_offsets.then_some(offsets),
+        })
     }
 
     /// Tensor `t` dequantized to f32, row-major in [`GgufTensorInfo::shape`]; NaN or

@@ -294,6 +294,182 @@ fn q6_k_block(b: &[u8], y: &mut [f32]) {
     }
 }
 
+/// One tensor in 8-bit blocks of 32 (what [`to_blocks`] writes into).
+pub struct Blocks<'a> {
+    /// `[n]` values.
+    pub values: &'a mut [i8],
+    /// `[n / 32]` scales.
+    pub scales: &'a mut [f32],
+    /// `[n / 32]` offsets (zero where the format has none).
+    pub offsets: &'a mut [f32],
+}
+
+/// How a GGML block format maps onto 8-bit blocks of 32 with a scale and an offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockMapping {
+    /// Every value is `q · scale` exactly (Q8_0, Q4_0, Q5_0).
+    Exact,
+    /// Every value is `q · scale + offset` exactly (Q4_1, Q5_1, Q4_K, Q5_K).
+    ExactWithOffset,
+    /// Sub-blocks of 16 with their own scales (Q6_K): re-quantized to 8 bits per block of 32
+    /// (`scale = max|v| / 127`, round to nearest), error at most `scale / 2` per value.
+    Requantized,
+}
+
+impl GgmlType {
+    /// How [`to_blocks`] stores this type; `None` for the float types.
+    pub fn block_mapping(self) -> Option<BlockMapping> {
+        Some(match self {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => return None,
+            GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q5_0 => BlockMapping::Exact,
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => {
+                BlockMapping::ExactWithOffset
+            }
+            GgmlType::Q6K => BlockMapping::Requantized,
+        })
+    }
+}
+
+/// Converts `bytes` (whole blocks of the quantized type `ty`) into 8-bit blocks of 32:
+/// `value = q · scale + offset` for every value (exactly, except for
+/// [`BlockMapping::Requantized`] formats). `out` holds `bytes.len() / block_bytes ·
+/// block_len` values.
+pub fn to_blocks(ty: GgmlType, bytes: &[u8], out: Blocks<'_>) {
+    let (bl, bb) = (ty.block_len(), ty.block_bytes());
+    debug_assert!(ty.is_quantized());
+    debug_assert_eq!(bytes.len() / bb * bl, out.values.len());
+    let subs = bl / 32;
+    let it = bytes
+        .chunks_exact(bb)
+        .zip(out.values.chunks_exact_mut(bl))
+        .zip(out.scales.chunks_exact_mut(subs))
+        .zip(out.offsets.chunks_exact_mut(subs));
+    for (((b, q), sc), off) in it {
+        match ty {
+            GgmlType::Q8_0 => {
+                sc[0] = half_at(b, 0);
+                for j in 0..32 {
+                    q[j] = b[2 + j] as i8;
+                }
+            }
+            GgmlType::Q4_0 => {
+                sc[0] = half_at(b, 0);
+                for j in 0..16 {
+                    q[j] = (b[2 + j] & 0x0f) as i8 - 8;
+                    q[j + 16] = (b[2 + j] >> 4) as i8 - 8;
+                }
+            }
+            GgmlType::Q4_1 => {
+                (sc[0], off[0]) = (half_at(b, 0), half_at(b, 2));
+                for j in 0..16 {
+                    q[j] = (b[4 + j] & 0x0f) as i8;
+                    q[j + 16] = (b[4 + j] >> 4) as i8;
+                }
+            }
+            GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                let (qh_at, qs_at, bias) = if ty == GgmlType::Q5_0 {
+                    (2, 6, 16)
+                } else {
+                    off[0] = half_at(b, 2);
+                    (4, 8, 0)
+                };
+                sc[0] = half_at(b, 0);
+                let qh = u32::from_le_bytes([b[qh_at], b[qh_at + 1], b[qh_at + 2], b[qh_at + 3]]);
+                for j in 0..16 {
+                    let v = b[qs_at + j];
+                    let h0 = ((qh >> j) << 4) & 0x10;
+                    let h1 = (qh >> (j + 12)) & 0x10;
+                    q[j] = (((v & 0x0f) as u32 | h0) as i32 - bias) as i8;
+                    q[j + 16] = (((v >> 4) as u32 | h1) as i32 - bias) as i8;
+                }
+            }
+            GgmlType::Q4K | GgmlType::Q5K => {
+                let (d, dmin) = (half_at(b, 0), half_at(b, 2));
+                let scales = &b[4..16];
+                let (qh, ql) = if ty == GgmlType::Q4K {
+                    (None, &b[16..144])
+                } else {
+                    (Some(&b[16..48]), &b[48..176])
+                };
+                for c in 0..4 {
+                    for half in 0..2 {
+                        let (s, m) = scale_min_k4(2 * c + half, scales);
+                        let sub = 2 * c + half;
+                        (sc[sub], off[sub]) = (d * s, -(dmin * m));
+                        let src = &ql[32 * c..32 * c + 32];
+                        for l in 0..32 {
+                            let lo = if half == 0 {
+                                src[l] & 0x0f
+                            } else {
+                                src[l] >> 4
+                            };
+                            let hi = qh.map_or(0, |qh| {
+                                if qh[l] & (1u8 << (2 * c + half)) != 0 {
+                                    16
+                                } else {
+                                    0
+                                }
+                            });
+                            q[32 * sub + l] = (lo + hi) as i8;
+                        }
+                    }
+                }
+            }
+            _ => {
+                // no exact 32-block form: dequantize, then 8 bits per block of 32
+                let mut y = vec![0f32; bl];
+                dequantize(ty, b, &mut y);
+                for (sub, vals) in y.chunks_exact(32).enumerate() {
+                    let amax = vals.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let scale = amax / 127.0;
+                    sc[sub] = scale;
+                    for (l, v) in vals.iter().enumerate() {
+                        q[32 * sub + l] = if scale > 0.0 {
+                            (v / scale).round().clamp(-127.0, 127.0) as i8
+                        } else {
+                            0
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// f32 values in Q4_1 blocks (`m = min`, `d = (max - min) / 15`, both rounded to f16,
+/// `q = round((v - m) / d)` clamped to 0..15), as llama.cpp's `quantize_row_q4_1_ref`:
+/// `20 · n / 32` bytes.
+pub fn quantize_q4_1(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() / 32 * 20);
+    for block in values.chunks_exact(32) {
+        let min = block.iter().copied().fold(f32::INFINITY, f32::min);
+        let max = block.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let d = (max - min) / 15.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        out.extend_from_slice(&f16::from_f32(min).to_le_bytes());
+        let q = |v: f32| (((v - min) * id).round() as i32).clamp(0, 15) as u8;
+        for j in 0..16 {
+            out.push(q(block[j]) | (q(block[j + 16]) << 4));
+        }
+    }
+    out
+}
+
+/// f32 values in Q8_0 blocks (`d = max|v| / 127` rounded to f16, `q = round(v / d)`), as
+/// llama.cpp's `quantize_row_q8_0_ref` writes them: `34 · n / 32` bytes.
+pub fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() / 32 * 34);
+    for block in values.chunks_exact(32) {
+        let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        out.extend(block.iter().map(|v| ((v * id).round() as i8) as u8));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,5 +503,87 @@ mod tests {
         let mut y = [0f32; 32];
         dequantize(GgmlType::Q8_0, &b, &mut y);
         assert_eq!(&y[..3], &[2.0, -3.0, 0.0]);
+    }
+
+    /// Every format's 8-bit blocks give back what ggml's dequantization gives: exactly for the
+    /// exact mappings, within half a step for the re-quantized one.
+    #[test]
+    fn blocks_reproduce_the_dequantized_values() {
+        let mut rng = 0x1234_5678_u64;
+        let mut byte = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng >> 24) as u8
+        };
+        for ty in [
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q4K,
+            GgmlType::Q5K,
+            GgmlType::Q6K,
+        ] {
+            let blocks = 4;
+            let mut bytes: Vec<u8> = (0..blocks * ty.block_bytes()).map(|_| byte()).collect();
+            // sane f16 scales (random bytes could be NaN/huge): small positive halves
+            for b in bytes.chunks_exact_mut(ty.block_bytes()) {
+                let at: &[usize] = match ty {
+                    GgmlType::Q6K => &[208],
+                    GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+                    _ => &[0],
+                };
+                for &a in at {
+                    let v = f16::from_f32(0.01 + (b[a + 1] % 16) as f32 * 0.003);
+                    b[a..a + 2].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            let n = blocks * ty.block_len();
+            let mut want = vec![0f32; n];
+            dequantize(ty, &bytes, &mut want);
+            let (mut q, mut sc, mut off) = (vec![0i8; n], vec![0f32; n / 32], vec![0f32; n / 32]);
+            to_blocks(
+                ty,
+                &bytes,
+                Blocks {
+                    values: &mut q,
+                    scales: &mut sc,
+                    offsets: &mut off,
+                },
+            );
+            for i in 0..n {
+                let got = q[i] as f32 * sc[i / 32] + off[i / 32];
+                let tol = match ty.block_mapping() {
+                    Some(BlockMapping::Requantized) => sc[i / 32] * 0.5 + 1e-7,
+                    // one f32 rounding apart (ggml computes d·q - m, here q·d + o)
+                    _ => 2.0 * f32::EPSILON * want[i].abs().max(off[i / 32].abs()),
+                };
+                assert!(
+                    (got - want[i]).abs() <= tol,
+                    "{} value {i}: {got} vs {}",
+                    ty.name(),
+                    want[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn q8_0_quantizer_round_trips_within_half_a_step() {
+        let v: Vec<f32> = (0..64)
+            .map(|i| ((i * 37) % 23) as f32 / 7.0 - 1.5)
+            .collect();
+        let bytes = quantize_q8_0(&v);
+        assert_eq!(bytes.len(), 68);
+        let mut back = vec![0f32; 64];
+        dequantize(GgmlType::Q8_0, &bytes, &mut back);
+        for (b, block) in back.chunks(32).zip(v.chunks(32)) {
+            let d = block.iter().fold(0f32, |a, x| a.max(x.abs())) / 127.0;
+            for (x, y) in b.iter().zip(block) {
+                assert!((x - y).abs() <= d * 0.5 + d * 1e-3, "{x} vs {y}");
+            }
+        }
     }
 }

@@ -109,6 +109,31 @@ impl GgufWriter {
         self
     }
 
+    /// Re-encodes every 2-D f32 tensor whose rows are whole blocks of 32 as `ty` (`Q8_0` or
+    /// `Q4_1`, llama.cpp's reference quantizers), the way `llama-quantize` treats a model's
+    /// matrices; vectors (norms) stay f32. Returns how many tensors changed.
+    pub fn quantize_matrices(&mut self, ty: GgmlType) -> usize {
+        let quantize: fn(&[f32]) -> Vec<u8> = match ty {
+            GgmlType::Q8_0 => super::quants::quantize_q8_0,
+            GgmlType::Q4_1 => super::quants::quantize_q4_1,
+            _ => return 0,
+        };
+        let mut n = 0;
+        for (_, dims, t, data) in &mut self.tensors {
+            if *t != GgmlType::F32 || dims.len() != 2 || !dims[0].is_multiple_of(32) {
+                continue;
+            }
+            let values: Vec<f32> = data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            *data = quantize(&values);
+            *t = ty;
+            n += 1;
+        }
+        n
+    }
+
     /// Adds an f32 tensor with the row-major `shape` (dims reversed into ggml order).
     pub fn f32_tensor(&mut self, name: &str, shape: &[usize], data: &[f32]) -> &mut Self {
         let dims: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
