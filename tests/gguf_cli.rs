@@ -5,8 +5,6 @@
 mod common;
 
 use common::{assert_clean_error, generated, hici, ids_arg, json_of};
-use hici::io::gguf::llama::llama_gguf_writer;
-use hici::io::{load_checkpoint, LoadOptions};
 use std::path::PathBuf;
 
 fn scratch(name: &str) -> PathBuf {
@@ -19,13 +17,7 @@ fn scratch(name: &str) -> PathBuf {
 fn tiny_gguf() -> PathBuf {
     let path = scratch(&format!("tiny-{}.gguf", std::process::id()));
     if !path.is_file() {
-        let ck = load_checkpoint(
-            &common::fixture().join("base"),
-            None,
-            &LoadOptions::default(),
-        )
-        .unwrap();
-        std::fs::write(&path, llama_gguf_writer(&ck).unwrap().to_bytes()).unwrap();
+        common::write_fixture_gguf(&path, None);
     }
     path
 }
@@ -34,16 +26,8 @@ fn tiny_gguf() -> PathBuf {
 /// 8-bit blocks, the default) generates the ids of `--weights f32` (expanded on load).
 #[test]
 fn quantized_gguf_generates_like_its_f32_expansion() {
-    let ck = load_checkpoint(
-        &common::fixture().join("base"),
-        None,
-        &LoadOptions::default(),
-    )
-    .unwrap();
-    let mut w = llama_gguf_writer(&ck).unwrap();
-    assert!(w.quantize_matrices(hici::io::gguf::quants::GgmlType::Q4_1) >= 7);
     let path = scratch(&format!("tiny-q4_1-{}.gguf", std::process::id()));
-    std::fs::write(&path, w.to_bytes()).unwrap();
+    common::write_fixture_gguf(&path, Some(hici::io::gguf::quants::GgmlType::Q4_1));
     let ids = ids_arg(&[1, 450, 496, 173, 17]);
     let run = |weights: &str| {
         let out = hici(&[

@@ -383,3 +383,17 @@ pub fn check_quantized_linear<Bk: burn::tensor::backend::Backend>(
     }
     worst
 }
+
+/// Writes the fixture's base weights (a plain Llama) to `path` as a GGUF file, its matrices
+/// re-encoded as `quantize` (Q8_0/Q4_1) when given.
+pub fn write_fixture_gguf(
+    path: &std::path::Path,
+    quantize: Option<hici::io::gguf::quants::GgmlType>,
+) {
+    let ck = load_checkpoint(&fixture().join("base"), None, &LoadOptions::default()).unwrap();
+    let mut w = hici::io::gguf::llama::llama_gguf_writer(&ck).unwrap();
+    if let Some(ty) = quantize {
+        assert!(w.quantize_matrices(ty) >= 7, "the matrices are quantized");
+    }
+    std::fs::write(path, w.to_bytes()).unwrap();
+}

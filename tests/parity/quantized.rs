@@ -9,9 +9,8 @@
 //! equal.
 
 use super::common::{self, B};
-use hici::io::gguf::llama::llama_gguf_writer;
 use hici::io::gguf::quants::GgmlType;
-use hici::io::{load_checkpoint, load_gguf, LoadOptions};
+use hici::io::{load_gguf, LoadOptions};
 use hici::model::weights::MixedWeights;
 use hici::model::{to_vec_f32, AttentionMode, DecodeCache, HiciLlama, Logits, LoraMode};
 use hici::runtime::sampler::argmax;
@@ -28,15 +27,7 @@ fn quantized_gguf(ty: GgmlType) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("quantized");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("tiny-{}-{}.gguf", ty.name(), std::process::id()));
-    let ck = load_checkpoint(
-        &common::fixture().join("base"),
-        None,
-        &LoadOptions::default(),
-    )
-    .unwrap();
-    let mut w = llama_gguf_writer(&ck).unwrap();
-    assert!(w.quantize_matrices(ty) >= 7, "the matrices are quantized");
-    std::fs::write(&path, w.to_bytes()).unwrap();
+    common::write_fixture_gguf(&path, Some(ty));
     path
 }
 

@@ -3,7 +3,10 @@
 use crate::config::{LoraConfig, LoraMode};
 use crate::error::ModelError;
 use crate::tensor_util::{to_param, transpose_host};
-use crate::weights::{check_shape, take_shaped, BlockQuant, HostTensor, WeightSource, QUANT_BLOCK};
+use crate::weights::{
+    check_shape, take_quantized_shaped, take_shaped, BlockQuant, HostTensor, WeightSource,
+    QUANT_BLOCK,
+};
 use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::module::linear;
@@ -165,15 +168,7 @@ impl<B: Backend> LinearWeight<B> {
         out_dim: usize,
         device: &B::Device,
     ) -> Result<Self, ModelError> {
-        if let Some(q) = src.take_quantized(name) {
-            q.check(name)?;
-            if q.shape() != [out_dim, in_dim] {
-                return Err(ModelError::ShapeMismatch {
-                    name: name.to_string(),
-                    expected: vec![out_dim, in_dim],
-                    found: q.shape().to_vec(),
-                });
-            }
+        if let Some(q) = take_quantized_shaped(src, name, [out_dim, in_dim])? {
             return Ok(Self::Quantized(QuantWeight::from_blocks(&q, device)));
         }
         let w = take_shaped(src, name, &[out_dim, in_dim])?;

@@ -10,7 +10,7 @@ use crate::layer::{DecoderLayer, RmsNorm};
 use crate::lora::{Linear, LinearWeight, QuantWeight};
 use crate::rope::Rope;
 use crate::tensor_util::to_param;
-use crate::weights::{take_shaped, BlockQuant, WeightSource};
+use crate::weights::{take_quantized_shaped, take_shaped, BlockQuant, WeightSource};
 use burn::module::{ModuleMapper, Param};
 use burn::prelude::*;
 use burn::tensor::DType;
@@ -118,18 +118,8 @@ impl<B: Backend> HiciLlama<B> {
         let l = &cfg.llama;
         let (v, h) = (l.vocab_size, l.hidden_size);
         let embed_name = "model.embed_tokens.weight";
-        let embed = match src.take_quantized(embed_name) {
-            Some(q) => {
-                q.check(embed_name)?;
-                if q.shape() != [v, h] {
-                    return Err(ModelError::ShapeMismatch {
-                        name: embed_name.into(),
-                        expected: vec![v, h],
-                        found: q.shape().to_vec(),
-                    });
-                }
-                Embed::Quantized(Arc::new(q))
-            }
+        let embed = match take_quantized_shaped(src, embed_name, [v, h])? {
+            Some(q) => Embed::Quantized(Arc::new(q)),
             None => Embed::Dense(take_shaped(src, embed_name, &[v, h])?),
         };
         let mut layers = Vec::with_capacity(l.num_hidden_layers);

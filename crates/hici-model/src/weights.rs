@@ -162,6 +162,27 @@ impl BlockQuant {
     }
 }
 
+/// Takes `name` when the source holds it quantized, checking its blocks and `shape`
+/// (`Ok(None)` when it is not quantized there).
+pub fn take_quantized_shaped(
+    src: &mut dyn WeightSource,
+    name: &str,
+    shape: [usize; 2],
+) -> Result<Option<BlockQuant>, ModelError> {
+    let Some(q) = src.take_quantized(name) else {
+        return Ok(None);
+    };
+    q.check(name)?;
+    if q.shape() != shape {
+        return Err(ModelError::ShapeMismatch {
+            name: name.to_string(),
+            expected: shape.to_vec(),
+            found: q.shape().to_vec(),
+        });
+    }
+    Ok(Some(q))
+}
+
 /// Quantized tensors by name.
 pub type QuantMap = BTreeMap<String, BlockQuant>;
 
