@@ -1,11 +1,14 @@
 //! `hici import` → `--model FILE`: the converted file gives the same logits and greedy ids as
 //! loading the directories, and a failed import leaves no file.
 
+use hici::io::gguf::quants::GgmlType;
 use hici::io::{
-    load_checkpoint, load_converted, plan_checkpoint, write_converted, Checkpoint, ConvertOptions,
-    LoadOptions, StoreDtype,
+    load_checkpoint, load_converted, load_converted_with, plan_checkpoint, write_converted,
+    Checkpoint, ConvertOptions, LoadOptions, StoreDtype,
 };
-use hici::model::{to_vec_f32, AttentionMode, HiciLlama, LoraMode};
+use hici::model::weights::MixedWeights;
+use hici::model::{to_vec_f32, AttentionMode, DecodeCache, HiciLlama, Logits, LoraMode};
+use hici::runtime::sampler::argmax;
 mod common;
 
 use common::{assert_clean_error, fixture, hici, json_of as ok_json};
@@ -102,6 +105,7 @@ fn convert(out: &Path, dtype: StoreDtype, merge_lora: bool) -> Checkpoint {
         dtype,
         merge_lora,
         tokenizer_json: None,
+        quantize: None,
     };
     write_converted(&plan, out, &o, &mut ()).expect("write");
     load_converted(out).expect("load converted")
@@ -363,4 +367,203 @@ fn failed_imports_leave_no_file() {
         &hici(&["--model", out_s, "generate", "--prompt-ids", "1,2"]),
         "no such file",
     );
+}
+
+/// The model of a checkpoint whose quantized tensors (if any) stay quantized.
+fn mixed_model(ck: Checkpoint) -> HiciLlama<B> {
+    let mut w = MixedWeights {
+        dense: ck.weights,
+        quantized: ck.quantized,
+    };
+    let m = HiciLlama::<B>::from_weights(
+        &ck.config,
+        ck.lora,
+        LoraMode::Merged,
+        &mut w,
+        &Default::default(),
+    )
+    .expect("model builds");
+    assert!(
+        w.is_empty(),
+        "unused: {:?}",
+        w.names().take(3).collect::<Vec<_>>()
+    );
+    m
+}
+
+fn ids_tensor(ids: &[i64]) -> burn::tensor::Tensor<B, 2, burn::tensor::Int> {
+    burn::tensor::Tensor::from_data(
+        burn::tensor::TensorData::new(ids.to_vec(), [1, ids.len()]),
+        &Default::default(),
+    )
+}
+
+/// `n` greedy ids after `prompt` (HiCI inference mode: segments, then decode on the cache).
+fn model_greedy(model: &HiciLlama<B>, prompt: &[i64], n: usize) -> Vec<i64> {
+    let (l, mut cache) = model
+        .prefill_tokens(
+            prompt,
+            AttentionMode::Inference,
+            DecodeCache::Tokens,
+            Logits::Last,
+        )
+        .expect("prefill");
+    let mut ids = vec![argmax(&to_vec_f32(l)) as i64];
+    while ids.len() < n {
+        let row = model
+            .decode_tokens(&ids[ids.len() - 1..], &mut cache)
+            .expect("decode");
+        ids.push(argmax(&to_vec_f32(row)) as i64);
+    }
+    ids
+}
+
+/// The merged f32 model with every weight that `ty` quantizes perturbed by uniform noise of
+/// half a quantization step (`max|w| / 127` per block of 32 for Q8_0, `/ 8` for Q4_0): the size
+/// of rounding error, without any block format, as an independent scale for the logit error a
+/// correct quantization must give.
+fn noise_reference(merged: &Checkpoint, ty: GgmlType) -> HiciLlama<B> {
+    let levels = if ty == GgmlType::Q8_0 { 127.0 } else { 8.0 };
+    let mut ck = merged.clone();
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    for (k, t) in ck.weights.iter_mut() {
+        if !hici::io::quantizable(k, &t.shape, ty) {
+            continue;
+        }
+        for block in t.data.chunks_mut(32) {
+            let step = block.iter().fold(0f32, |a, v| a.max(v.abs())) / levels;
+            for v in block.iter_mut() {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let u = (rng >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+                *v += u as f32 * step;
+            }
+        }
+    }
+    mixed_model(ck)
+}
+
+/// `--quantize`: the file loads with its linear weights kept quantized (HiCI projections
+/// included) and gives the logits and greedy ids of its own f32 expansion (1e-4: only the
+/// summation order differs). Against the unquantized model the logits move by the rounding
+/// error: at most 2x what uniform noise of half a step in the same weights gives (a wrong block
+/// layout or scale is far outside that). This random tiny model is sensitive (Q8_0 moves its
+/// logits by ~7% of their range, as the noise does), so ids are not compared with it.
+#[test]
+fn quantized_import_generates_like_its_dequantized_reference() {
+    let dir = Scratch::new("quant");
+    let plan = plan_checkpoint(
+        &fixture().join("base"),
+        Some(&fixture().join("adapter")),
+        &opts(),
+    )
+    .expect("plan");
+    let merged_path = dir.path().join("f32.safetensors");
+    let merge = ConvertOptions {
+        merge_lora: true,
+        ..ConvertOptions::default()
+    };
+    write_converted(&plan, &merged_path, &merge, &mut ()).expect("write");
+    let merged = load_converted(&merged_path).expect("load");
+    let ids = prompt_ids("prompt1_ids");
+    let run = |m: &HiciLlama<B>| {
+        to_vec_f32(
+            m.forward(ids_tensor(&ids), AttentionMode::Inference)
+                .expect("forward"),
+        )
+    };
+    let want = run(&mixed_model(merged.clone()));
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_0] {
+        let path = dir.path().join(format!("{}.safetensors", ty.name()));
+        let o = ConvertOptions {
+            quantize: Some(ty),
+            ..merge.clone()
+        };
+        write_converted(&plan, &path, &o, &mut ()).expect("write");
+        let q = mixed_model(load_converted_with(&path, true).expect("load"));
+        let f = mixed_model(load_converted(&path).expect("load"));
+        assert!(q.is_quantized() && !f.is_quantized());
+        let (lq, lf) = (run(&q), run(&f));
+        let d = max_abs(&lq, &lf);
+        let e = max_abs(&lq, &want);
+        let noise = max_abs(&run(&noise_reference(&merged, ty)), &want);
+        eprintln!(
+            "[import] {}: kept vs its f32 expansion {d:.2e}; vs the unquantized model {e:.3e} \
+             (half-step noise {noise:.3e})",
+            ty.name()
+        );
+        assert!(d <= 1e-4, "{}: kept quantized vs expanded: {d}", ty.name());
+        assert!(
+            e <= 2.0 * noise,
+            "{}: quantization error {e}, noise {noise}",
+            ty.name()
+        );
+        assert_eq!(
+            model_greedy(&q, &ids, 12),
+            model_greedy(&f, &ids, 12),
+            "{} greedy ids",
+            ty.name()
+        );
+    }
+}
+
+/// `hici import --quantize q8_0` through the CLI: a file at most 0.4x the f32 import that
+/// generates the ids of its f32 expansion (`--weights f32`), inspects as valid, and bad values
+/// of the flag are refused.
+#[test]
+fn cli_quantized_import_generates() {
+    let dir = Scratch::new("cli-quant");
+    let ids: Vec<String> = prompt_ids("prompt2_ids")
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+    let ids = ids.join(",");
+    let f32_file = dir.path().join("f32.safetensors");
+    let q8 = dir.path().join("q8.safetensors");
+    let (f32_s, q8_s) = (f32_file.to_str().expect("utf8"), q8.to_str().expect("utf8"));
+    let f = ok_json(&hici(&["import", "--out", f32_s, "--merge-lora", "--json"]));
+    let v = ok_json(&hici(&[
+        "import",
+        "--out",
+        q8_s,
+        "--quantize",
+        "q8_0",
+        "--json",
+    ]));
+    assert_eq!(v["format_version"], 2);
+    assert_eq!(v["quantization"]["format"], "Q8_0");
+    assert_eq!(v["lora_merged"], true, "--quantize merges LoRA");
+    let ratio = v["bytes"].as_f64().expect("bytes") / f["bytes"].as_f64().expect("bytes");
+    eprintln!("[import] CLI q8_0: {ratio:.3}x the f32 import");
+    assert!(ratio <= 0.4, "{ratio}");
+    let native = greedy(&["--model", q8_s], &ids);
+    let expanded = greedy(&["--model", q8_s, "--weights", "f32"], &ids);
+    assert_eq!(native, expanded);
+    assert_eq!(native.len(), 12);
+    let t = ok_json(&hici(&[
+        "--model",
+        q8_s,
+        "generate",
+        "--prompt",
+        "hello",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ]));
+    assert!(t["prompt_tokens"].as_u64().expect("count") > 0);
+    let inspect = ok_json(&hici(&["--model", q8_s, "inspect", "--json"]));
+    assert_eq!(inspect["valid"], true, "{inspect}");
+    let bad = dir.path().join("bad.safetensors");
+    assert_clean_error(
+        &hici(&[
+            "import",
+            "--out",
+            bad.to_str().expect("utf8"),
+            "--quantize",
+            "q5_k",
+        ]),
+        "q5_k",
+    );
+    assert!(!bad.exists());
 }

@@ -3,6 +3,7 @@
 //! read one at a time.
 
 use crate::error::IoError;
+use crate::gguf::quants::GgmlType;
 use crate::tensor_file::{check_finite, FloatType, TensorFile};
 use hici_model::weights::{HostTensor, WeightMap};
 use std::collections::BTreeMap;
@@ -20,6 +21,9 @@ pub(crate) struct SrcRef {
 pub(crate) struct Meta {
     pub shape: Vec<usize>,
     pub dtype: FloatType,
+    /// Set for a tensor stored in quantized blocks (a converted file's packed tensors): then
+    /// `shape` is the logical `[rows, cols]` and `dtype` is unused.
+    pub quant: Option<GgmlType>,
     pub file: PathBuf,
     pub src: SrcRef,
 }
@@ -27,6 +31,11 @@ pub(crate) struct Meta {
 impl Meta {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
+    }
+
+    /// The stored type's name: `F32`, `BF16`, ..., or the block format (`Q8_0`).
+    pub fn type_name(&self) -> &'static str {
+        self.quant.map_or(self.dtype.name(), GgmlType::name)
     }
 }
 
@@ -56,6 +65,7 @@ impl Catalog {
                 Meta {
                     shape: e.shape.clone(),
                     dtype: e.dtype,
+                    quant: None,
                     file: f.path().to_path_buf(),
                     src: SrcRef { file: i, entry },
                 },

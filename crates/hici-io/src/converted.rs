@@ -6,17 +6,25 @@
 //! | key | value |
 //! |---|---|
 //! | `format` | `"hici-converted"` |
-//! | `format_version` | `"1"` ([`FORMAT_VERSION`]) |
+//! | `format_version` | `"2"` ([`FORMAT_VERSION`]) for a file with quantized tensors, else `"1"` |
 //! | `config` | the [`ModelConfig`] as JSON (final vocabulary, resolved RoPE factor, HiCI heads) |
 //! | `lora` | the [`LoraConfig`] of the stored LoRA factors as JSON, or `null` |
 //! | `lora_merged` | `"true"` when `W + alpha/r B A` was folded into the weights |
 //! | `merged_lora` | the merged adapter's [`LoraConfig`] (JSON) or `null` |
-//! | `dtype` | `"F32"`, `"F16"` or `"BF16"`: the type of every tensor |
+//! | `dtype` | `"F32"`, `"F16"` or `"BF16"`: the type of every float tensor |
+//! | `quantization` | `"Q8_0"` or `"Q4_0"` (version 2, `hici import --quantize`): the block format of every U8 tensor |
 //! | `counts` | the source's [`ParamCounts`] as JSON |
 //! | `notes` | the loader's notes (vocabulary resize, RoPE factor source, ...) as a JSON array |
 //! | `tokenizer.json` | the checkpoint's `tokenizer.json`, verbatim (optional) |
 //!
-//! Tensors use the names and PyTorch layout of [`hici_model::weights`]. The file is written
+//! Tensors use the names and PyTorch layout of [`hici_model::weights`]. With `quantization`, every
+//! linear weight `[rows, cols]` whose rows are whole blocks of 32 ([`quantizable`]: the
+//! attention, MLP and HiCI projections, the embedding and the LM head) is a U8 tensor of shape
+//! `[rows, cols / 32 · block_bytes]` holding ggml's blocks of that format along each row, byte
+//! for byte as in a GGUF file (Q8_0: an f16 scale and 32 int8 values, 34 bytes; Q4_0: an f16
+//! scale and 16 bytes of 4-bit values `q - 8`, low nibbles first, 18 bytes). Norms, HiCI slots
+//! and queries, biases, and matrices whose rows are not whole blocks (an intermediate size of
+//! 172, say) stay float in `dtype`; LoRA is always merged first. The file is written
 //! tensor by tensor from a [`CheckpointPlan`] (one tensor in memory at a time), to a temporary
 //! file in the output directory that is fsynced and renamed into place only when complete.
 //! It is read back with positioned reads, one tensor at a time, upcasting F16/BF16 to f32.
@@ -31,13 +39,14 @@
 
 use crate::checkpoint::{Checkpoint, CheckpointPlan, LoadReport, ParamCounts, TensorGroup};
 use crate::error::IoError;
+use crate::gguf::quants::{block_quant, quantizer, BlockError, GgmlType};
 use crate::hf::is_hici_key;
 use crate::layout::model_tensors;
 use crate::peft::parse_lora_key;
 use crate::tensor_file::{check_finite, FloatType, TensorFile, MAX_SAFETENSORS_HEADER};
 use half::{bf16, f16};
 use hici_model::config::{LoraConfig, ModelConfig};
-use hici_model::weights::{HostTensor, QuantMap, WeightMap};
+use hici_model::weights::{HostTensor, QuantMap, WeightMap, QUANT_BLOCK};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -47,8 +56,30 @@ use tracing::info;
 
 /// `__metadata__["format"]` of a converted file.
 pub const FORMAT_NAME: &str = "hici-converted";
-/// `__metadata__["format_version"]` written by this build (and the only one it reads).
-pub const FORMAT_VERSION: u32 = 1;
+/// `__metadata__["format_version"]` of a file with quantized tensors: the newest this build
+/// writes and reads.
+pub const FORMAT_VERSION: u32 = 2;
+/// `__metadata__["format_version"]` of a file of float tensors only (read by every build).
+pub const FORMAT_VERSION_FLOAT: u32 = 1;
+
+/// The block formats `hici import --quantize` writes.
+pub const IMPORT_QUANTIZATIONS: [GgmlType; 2] = [GgmlType::Q8_0, GgmlType::Q4_0];
+
+/// Whether tensor `name` of logical `shape` is stored in blocks of `ty` when quantizing: a
+/// linear weight (`*.weight`, 2-D, not a LoRA factor) whose rows are whole blocks of `ty`.
+pub fn quantizable(name: &str, shape: &[usize], ty: GgmlType) -> bool {
+    name.ends_with(".weight")
+        && !name.contains(".lora_")
+        && shape.len() == 2
+        && shape[1] > 0
+        && shape[1].is_multiple_of(ty.block_len())
+        && shape[1].is_multiple_of(QUANT_BLOCK)
+}
+
+/// Stored shape of a quantized `[rows, cols]` tensor: `[rows, cols / block_len · block_bytes]`.
+fn packed_shape(shape: &[usize], ty: GgmlType) -> Vec<usize> {
+    vec![shape[0], shape[1] / ty.block_len() * ty.block_bytes()]
+}
 
 /// Element type of the stored tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,7 +122,7 @@ impl StoreDtype {
         }
     }
 
-    fn float_type(self) -> FloatType {
+    pub(crate) fn float_type(self) -> FloatType {
         match self {
             StoreDtype::F32 => FloatType::F32,
             StoreDtype::F16 => FloatType::F16,
@@ -109,6 +140,9 @@ pub struct ConvertOptions {
     pub merge_lora: bool,
     /// `tokenizer.json` text to embed.
     pub tokenizer_json: Option<String>,
+    /// Store the linear weights in this block format (one of [`IMPORT_QUANTIZATIONS`]); needs
+    /// `merge_lora` when the checkpoint has LoRA factors.
+    pub quantize: Option<GgmlType>,
 }
 
 impl Default for ConvertOptions {
@@ -117,6 +151,7 @@ impl Default for ConvertOptions {
             dtype: StoreDtype::F32,
             merge_lora: false,
             tokenizer_json: None,
+            quantize: None,
         }
     }
 }
@@ -145,7 +180,10 @@ impl ConvertProgress for () {}
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConvertSummary {
     pub path: PathBuf,
+    pub format_version: u32,
     pub dtype: StoreDtype,
+    /// The block format of the quantized tensors, and how many there are.
+    pub quantization: Option<(GgmlType, usize)>,
     pub tensors: usize,
     /// File size in bytes.
     pub bytes: u64,
@@ -166,12 +204,16 @@ pub struct ConvertedInfo {
     /// The adapter configuration that was merged, if any.
     pub merged_lora: Option<LoraConfig>,
     pub dtype: StoreDtype,
+    /// The block format of the U8 tensors (version 2).
+    pub quantization: Option<GgmlType>,
     /// Parameter counts of the source checkpoint.
     pub source_counts: ParamCounts,
     pub notes: Vec<String>,
     pub tokenizer_json: Option<String>,
-    /// Every tensor: name -> (shape, stored type).
+    /// Every float tensor: name -> (shape, stored type).
     pub tensors: BTreeMap<String, (Vec<usize>, FloatType)>,
+    /// Every quantized tensor: name -> logical `[rows, cols]`.
+    pub quantized: BTreeMap<String, Vec<usize>>,
 }
 
 /// Removes the temporary file unless [`TempFile::commit`] renamed it into place.
@@ -241,11 +283,21 @@ struct OutTensor<'a> {
     group: TensorGroup,
     /// `(lora_A, lora_B)` names to merge in.
     merge: Option<(String, String)>,
+    /// Stored in blocks of this format.
+    quant: Option<GgmlType>,
 }
 
 impl OutTensor<'_> {
     fn numel(&self) -> usize {
         self.shape.iter().product()
+    }
+
+    /// Bytes in the file.
+    fn stored_bytes(&self, float: StoreDtype) -> usize {
+        match self.quant {
+            Some(ty) => packed_shape(&self.shape, ty).iter().product(),
+            None => self.numel() * float.size(),
+        }
     }
 }
 
@@ -304,6 +356,24 @@ pub fn write_converted(
     progress: &mut dyn ConvertProgress,
 ) -> Result<ConvertSummary, IoError> {
     let merge = opts.merge_lora && plan.lora.is_some();
+    if let Some(ty) = opts.quantize {
+        if !IMPORT_QUANTIZATIONS.contains(&ty) {
+            return Err(IoError::Converted {
+                path: out.to_path_buf(),
+                msg: format!(
+                    "cannot quantize to {} (supported: {})",
+                    ty.name(),
+                    IMPORT_QUANTIZATIONS.map(GgmlType::name).join(", ")
+                ),
+            });
+        }
+        if plan.lora.is_some() && !merge {
+            return Err(IoError::Converted {
+                path: out.to_path_buf(),
+                msg: "quantized weights need the LoRA factors merged first (merge_lora)".into(),
+            });
+        }
+    }
     let planned = plan.tensors();
     let mut tensors: Vec<OutTensor<'_>> = Vec::new();
     for name in plan.read_order() {
@@ -316,11 +386,13 @@ pub fn write_converted(
             .flatten()
             .map(|m| (format!("{m}.lora_A.weight"), format!("{m}.lora_B.weight")))
             .filter(|(a, b)| planned.contains_key(a) && planned.contains_key(b));
+        let quant = opts.quantize.filter(|&ty| quantizable(name, &p.shape, ty));
         tensors.push(OutTensor {
             name,
             shape: p.shape.clone(),
             group: p.group,
             merge: merge_pair,
+            quant,
         });
     }
     // The LoRA factors, read once (small: 14M parameters for 7B).
@@ -335,17 +407,20 @@ pub fn write_converted(
     let scale = plan.lora.map(|l| l.scale() as f32).unwrap_or(0.0);
 
     // Header.
-    let elem = opts.dtype.size();
     let mut infos = Vec::with_capacity(tensors.len());
     let mut offset = 0usize;
     let mut stored = ParamCounts::default();
     for t in &tensors {
-        let len = t.numel() * elem;
+        let len = t.stored_bytes(opts.dtype);
+        let (dtype, shape) = match t.quant {
+            Some(ty) => (safetensors::Dtype::U8, packed_shape(&t.shape, ty)),
+            None => (opts.dtype.safetensors(), t.shape.clone()),
+        };
         infos.push((
             t.name.to_string(),
             safetensors::tensor::TensorInfo {
-                dtype: opts.dtype.safetensors(),
-                shape: t.shape.clone(),
+                dtype,
+                shape,
                 data_offsets: (offset, offset + len),
             },
         ));
@@ -358,9 +433,19 @@ pub fn write_converted(
             TensorGroup::Lora => stored.lora += n,
         }
     }
+    let quantized = tensors.iter().filter(|t| t.quant.is_some()).count();
+    let quantization = opts.quantize.filter(|_| quantized > 0);
+    let format_version = if quantization.is_some() {
+        FORMAT_VERSION
+    } else {
+        FORMAT_VERSION_FLOAT
+    };
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), FORMAT_NAME.to_string());
-    meta.insert("format_version".to_string(), FORMAT_VERSION.to_string());
+    meta.insert("format_version".to_string(), format_version.to_string());
+    if let Some(ty) = quantization {
+        meta.insert("quantization".to_string(), ty.name().to_string());
+    }
     meta.insert("config".to_string(), json(&plan.config));
     let stored_lora = if merge { None } else { plan.lora };
     meta.insert("lora".to_string(), json(&stored_lora));
@@ -425,7 +510,7 @@ pub fn write_converted(
                 .iter()
                 .filter(|x| x.group == t.group)
                 .fold((0usize, 0u64), |(n, b), x| {
-                    (n + 1, b + (x.numel() * elem) as u64)
+                    (n + 1, b + x.stored_bytes(opts.dtype) as u64)
                 });
             let label = if merge
                 && matches!(t.group, TensorGroup::Base | TensorGroup::Hici)
@@ -455,6 +540,12 @@ pub fn write_converted(
             merge_lora_into(&mut value, &lora_factors[a], &lora_factors[b], scale);
             check_finite(&value, t.name, &planned[t.name].file)?;
         }
+        if let Some(ty) = t.quant {
+            let quantize = quantizer(ty).expect("an import quantization has a quantizer");
+            w.write_all(&quantize(&value.data)).map_err(io)?;
+            progress.tensor_done(t.name, t.stored_bytes(opts.dtype) as u64);
+            continue;
+        }
         write_values(&mut w, &value.data, opts.dtype, &mut chunk).map_err(|e| match e {
             WriteError::Io(e) => io(e),
             WriteError::Overflow(v) => IoError::Converted {
@@ -466,7 +557,7 @@ pub fn write_converted(
                 ),
             },
         })?;
-        progress.tensor_done(t.name, (t.numel() * elem) as u64);
+        progress.tensor_done(t.name, t.stored_bytes(opts.dtype) as u64);
     }
     if current_group.is_some() {
         progress.group_done();
@@ -491,15 +582,21 @@ pub fn write_converted(
         }
     }
     info!(
-        "wrote {} ({} tensors, {} bytes, {})",
+        "wrote {} ({} tensors, {} bytes, {}{})",
         out.display(),
         tensors.len(),
         bytes,
-        opts.dtype.name()
+        opts.dtype.name(),
+        quantization.map_or(String::new(), |ty| format!(
+            ", {quantized} in {}",
+            ty.name()
+        ))
     );
     Ok(ConvertSummary {
         path: out.to_path_buf(),
+        format_version,
         dtype: opts.dtype,
+        quantization: quantization.map(|ty| (ty, quantized)),
         tensors: tensors.len(),
         bytes,
         stored,
@@ -590,10 +687,10 @@ fn open_converted(path: &Path) -> Result<(TensorFile, ConvertedInfo), IoError> {
         .get("format_version")
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| bad("missing or invalid `format_version`".into()))?;
-    if version != FORMAT_VERSION {
+    if !(FORMAT_VERSION_FLOAT..=FORMAT_VERSION).contains(&version) {
         return Err(bad(format!(
-            "format version {version} is not supported by this build (it reads version \
-             {FORMAT_VERSION}); re-run `hici import`"
+            "format version {version} is not supported by this build (it reads versions \
+             {FORMAT_VERSION_FLOAT} to {FORMAT_VERSION}); re-run `hici import`"
         )));
     }
     fn field<T: serde::de::DeserializeOwned>(
@@ -622,6 +719,38 @@ fn open_converted(path: &Path) -> Result<(TensorFile, ConvertedInfo), IoError> {
             return Err(bad(format!("invalid LoRA configuration {l:?}")));
         }
     }
+    let quantization = match meta.get("quantization") {
+        None => None,
+        Some(name) => match GgmlType::from_name(name) {
+            Some(ty) if version >= 2 && ty.is_quantized() => Some(ty),
+            _ => {
+                return Err(bad(format!(
+                    "metadata `quantization`: `{name}` is not a block format of format \
+                     version {version}"
+                )))
+            }
+        },
+    };
+    let mut quantized = BTreeMap::new();
+    for e in file.packed() {
+        let Some(ty) = quantization else {
+            return Err(bad(format!(
+                "tensor `{}` is U8, but the metadata declares no `quantization`",
+                e.key
+            )));
+        };
+        let bb = ty.block_bytes();
+        if e.shape.len() != 2 || !e.shape[1].is_multiple_of(bb) {
+            return Err(bad(format!(
+                "tensor `{}`: stored shape {:?} is not rows of whole {} blocks ({bb} bytes)",
+                e.key,
+                e.shape,
+                ty.name()
+            )));
+        }
+        let logical = vec![e.shape[0], e.shape[1] / bb * ty.block_len()];
+        quantized.insert(e.key.clone(), logical);
+    }
     let tensors = file
         .entries()
         .iter()
@@ -635,10 +764,12 @@ fn open_converted(path: &Path) -> Result<(TensorFile, ConvertedInfo), IoError> {
         lora_merged,
         merged_lora,
         dtype,
+        quantization,
         source_counts,
         notes,
         tokenizer_json: meta.get("tokenizer.json").cloned(),
         tensors,
+        quantized,
     };
     Ok((file, info))
 }
@@ -679,8 +810,22 @@ fn check_converted(info: &ConvertedInfo) -> Result<(), IoError> {
             });
         }
     }
+    for (name, shape) in &info.quantized {
+        let ty = info.quantization.expect("checked with the header");
+        match expected.get(name) {
+            None => return Err(IoError::unexpected(name, path)),
+            Some(want) if want != shape => return Err(IoError::shape(name, path, want, shape)),
+            Some(_) if !quantizable(name, shape, ty) => {
+                return Err(IoError::Converted {
+                    path: path.clone(),
+                    msg: format!("tensor `{name}` cannot be stored in {} blocks", ty.name()),
+                })
+            }
+            Some(_) => {}
+        }
+    }
     for name in expected.keys() {
-        if !info.tensors.contains_key(name) {
+        if !info.tensors.contains_key(name) && !info.quantized.contains_key(name) {
             return Err(IoError::missing(name, path));
         }
     }
@@ -699,31 +844,76 @@ fn check_converted(info: &ConvertedInfo) -> Result<(), IoError> {
     Ok(())
 }
 
+/// Loads a file written by [`write_converted`] with every tensor in f32 (quantized ones
+/// dequantized): [`load_converted_with`] without keeping blocks.
+pub fn load_converted(path: &Path) -> Result<Checkpoint, IoError> {
+    load_converted_with(path, false)
+}
+
 /// Loads a file written by [`write_converted`]: every tensor checked against the stored
 /// configuration (missing, unexpected and mis-shaped tensors are errors naming the file and
-/// key), values upcast to f32 and checked for NaN/Inf.
-pub fn load_converted(path: &Path) -> Result<Checkpoint, IoError> {
+/// key), float values upcast to f32 and checked for NaN/Inf. Quantized tensors go to
+/// [`Checkpoint::quantized`] as they are when `keep_quantized`, else dequantized to f32.
+pub fn load_converted_with(path: &Path, keep_quantized: bool) -> Result<Checkpoint, IoError> {
     let t0 = std::time::Instant::now();
     let (file, info) = open_converted(path)?;
     check_converted(&info)?;
     let mut weights = WeightMap::new();
+    let mut quantized = QuantMap::new();
     let mut counts = ParamCounts::default();
+    let mut count = |key: &str, n: usize| {
+        if key.contains(".lora_") {
+            counts.lora += n;
+        } else if is_hici_key(key) {
+            counts.hici += n;
+        } else {
+            counts.base += n;
+        }
+    };
     for (i, e) in file.entries().iter().enumerate() {
         let t = file.read(i)?;
         check_finite(&t, &e.key, path)?;
-        if e.key.contains(".lora_") {
-            counts.lora += t.numel();
-        } else if is_hici_key(&e.key) {
-            counts.hici += t.numel();
-        } else {
-            counts.base += t.numel();
-        }
+        count(&e.key, t.numel());
         weights.insert(e.key.clone(), t);
+    }
+    for (i, e) in file.packed().iter().enumerate() {
+        let ty = info.quantization.expect("checked with the header");
+        let [rows, cols] = info.quantized[&e.key][..] else {
+            unreachable!("a logical shape is 2-D")
+        };
+        let bytes = file.read_packed(i)?;
+        let q = block_quant(ty, &bytes, rows, cols).map_err(|err| match err {
+            BlockError::NonFinite => IoError::NonFinite {
+                key: e.key.clone(),
+                file: path.to_path_buf(),
+            },
+            BlockError::Layout(msg) => IoError::Converted {
+                path: path.to_path_buf(),
+                msg: format!("tensor `{}`: {msg}", e.key),
+            },
+        })?;
+        count(&e.key, rows * cols);
+        if keep_quantized {
+            quantized.insert(e.key.clone(), q);
+        } else {
+            weights.insert(e.key.clone(), q.dequantize());
+        }
     }
     counts.overrides = info.source_counts.overrides;
     let mut notes = info.notes.clone();
+    let blocks = match info.quantization {
+        Some(ty) if keep_quantized => {
+            format!(", {} tensors in {} blocks", info.quantized.len(), ty.name())
+        }
+        Some(ty) => format!(
+            ", {} tensors in {} dequantized to f32",
+            info.quantized.len(),
+            ty.name()
+        ),
+        None => String::new(),
+    };
     notes.push(format!(
-        "loaded converted file {} ({}{}{}) in {:.2} s",
+        "loaded converted file {} ({}{}{blocks}{}) in {:.2} s",
         path.display(),
         info.dtype.name(),
         if info.dtype == StoreDtype::F32 {
@@ -743,7 +933,7 @@ pub fn load_converted(path: &Path) -> Result<Checkpoint, IoError> {
         config: info.config,
         lora: info.lora,
         weights,
-        quantized: QuantMap::new(),
+        quantized,
         report: LoadReport {
             files: vec![path.to_path_buf()],
             notes,

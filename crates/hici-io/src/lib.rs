@@ -32,8 +32,9 @@ pub use checkpoint::{
     ParamCounts, PlannedTensor, TensorGroup, DEFAULT_HICI_CONTEXT,
 };
 pub use converted::{
-    converted_info, load_converted, write_converted, ConvertOptions, ConvertProgress,
-    ConvertSummary, ConvertedInfo, StoreDtype, FORMAT_NAME, FORMAT_VERSION,
+    converted_info, load_converted, load_converted_with, quantizable, write_converted,
+    ConvertOptions, ConvertProgress, ConvertSummary, ConvertedInfo, StoreDtype, FORMAT_NAME,
+    FORMAT_VERSION, FORMAT_VERSION_FLOAT, IMPORT_QUANTIZATIONS,
 };
 pub use error::{Dims, IoError};
 pub use gguf::llama::{load_gguf, GgufModel, GgufSummary, GgufVocab};

@@ -196,6 +196,16 @@ pub(crate) struct Entry {
     loc: Loc,
 }
 
+/// A U8 tensor of a safetensors file read as raw bytes (the packed quantized blocks of a
+/// converted file): its stored shape and byte range in the data section.
+#[derive(Debug, Clone)]
+pub(crate) struct PackedEntry {
+    pub key: String,
+    pub shape: Vec<usize>,
+    start: u64,
+    len: usize,
+}
+
 /// Where an entry's bytes are.
 #[derive(Debug, Clone)]
 enum Loc {
@@ -239,6 +249,8 @@ pub(crate) struct TensorFile {
     path: PathBuf,
     /// In read order (the order in which the file is best read front to back).
     entries: Vec<Entry>,
+    /// U8 tensors (only from [`TensorFile::open_safetensors`]; empty otherwise).
+    packed: Vec<PackedEntry>,
     source: Source,
     cache: RefCell<MemberCache>,
 }
@@ -374,20 +386,46 @@ fn read_member(path: &Path, name: &str) -> Result<Vec<u8>, IoError> {
 }
 
 fn index_safetensors(path: &Path) -> Result<TensorFile, IoError> {
-    Ok(index_safetensors_with_metadata(path)?.0)
+    Ok(index_safetensors_with_metadata(path, false)?.0)
 }
 
 /// The `__metadata__` map of a safetensors header.
 pub(crate) type HeaderMetadata = Option<HashMap<String, String>>;
 
 impl TensorFile {
-    /// Indexes a `.safetensors` file (whatever its extension) and returns its `__metadata__`.
+    /// Indexes a `.safetensors` file (whatever its extension) and returns its `__metadata__`;
+    /// U8 tensors are indexed as [`PackedEntry`]s (read with [`TensorFile::read_packed`]).
     pub fn open_safetensors(path: &Path) -> Result<(Self, HeaderMetadata), IoError> {
-        index_safetensors_with_metadata(path)
+        index_safetensors_with_metadata(path, true)
+    }
+
+    /// The U8 tensors, in data order.
+    pub fn packed(&self) -> &[PackedEntry] {
+        &self.packed
+    }
+
+    /// The bytes of U8 tensor `i` of [`TensorFile::packed`].
+    pub fn read_packed(&self, i: usize) -> Result<Vec<u8>, IoError> {
+        let e = &self.packed[i];
+        let Source::Safetensors { data_start } = self.source else {
+            unreachable!("packed entries come from safetensors files only")
+        };
+        let mut file = open(&self.path)?;
+        let mut bytes = vec![0u8; e.len];
+        file.seek(SeekFrom::Start(data_start + e.start))
+            .and_then(|_| file.read_exact(&mut bytes))
+            .map_err(|err| IoError::Safetensors {
+                path: self.path.clone(),
+                msg: format!("reading tensor `{}`: {err}", e.key),
+            })?;
+        Ok(bytes)
     }
 }
 
-fn index_safetensors_with_metadata(path: &Path) -> Result<(TensorFile, HeaderMetadata), IoError> {
+fn index_safetensors_with_metadata(
+    path: &Path,
+    allow_packed: bool,
+) -> Result<(TensorFile, HeaderMetadata), IoError> {
     let bad = |msg: String| IoError::Safetensors {
         path: path.to_path_buf(),
         msg,
@@ -434,11 +472,22 @@ fn index_safetensors_with_metadata(path: &Path) -> Result<(TensorFile, HeaderMet
     }
 
     let mut entries = Vec::new();
+    let mut packed = Vec::new();
     // `offset_keys` lists tensors in data order, so the file is read front to back.
     for key in meta.offset_keys() {
         let info = meta
             .info(&key)
             .ok_or_else(|| bad(format!("tensor `{key}` listed but not described")))?;
+        if allow_packed && info.dtype == safetensors::Dtype::U8 {
+            let (start, end) = info.data_offsets;
+            packed.push(PackedEntry {
+                key,
+                shape: info.shape.clone(),
+                start: start as u64,
+                len: end - start,
+            });
+            continue;
+        }
         let dtype = match info.dtype {
             safetensors::Dtype::F32 => FloatType::F32,
             safetensors::Dtype::F16 => FloatType::F16,
@@ -466,6 +515,7 @@ fn index_safetensors_with_metadata(path: &Path) -> Result<(TensorFile, HeaderMet
     let file = TensorFile {
         path: path.to_path_buf(),
         entries,
+        packed,
         source: Source::Safetensors {
             data_start: 8 + header_len,
         },
@@ -738,6 +788,7 @@ fn index_zip_storages(
     Ok(TensorFile {
         path: path.to_path_buf(),
         entries,
+        packed: Vec::new(),
         source: Source::Zip { members },
         cache: RefCell::new(MemberCache {
             remaining,
@@ -785,6 +836,7 @@ fn index_pytorch(path: &Path, via_burn: bool) -> Result<TensorFile, IoError> {
     Ok(TensorFile {
         path: path.to_path_buf(),
         entries,
+        packed: Vec::new(),
         source: Source::Burn(Box::new(reader)),
         cache: RefCell::default(),
     })

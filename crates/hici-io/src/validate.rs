@@ -164,7 +164,7 @@ fn check_key(
     let status = match found {
         None => KeyStatus::Missing,
         Some(m) if m.shape != expected => KeyStatus::WrongShape,
-        Some(m) if want_dtype.is_some_and(|d| d != m.dtype.name()) => KeyStatus::WrongDtype,
+        Some(m) if want_dtype.is_some_and(|d| d != m.type_name()) => KeyStatus::WrongDtype,
         Some(_) => KeyStatus::Ok,
     };
     KeyCheck {
@@ -172,7 +172,7 @@ fn check_key(
         group,
         expected_shape: expected.to_vec(),
         found_shape: found.map(|m| m.shape.clone()),
-        dtype: found.map(|m| m.dtype.name().to_string()),
+        dtype: found.map(|m| m.type_name().to_string()),
         file: found.map(|m| m.file.clone()),
         required,
         status,
@@ -183,7 +183,7 @@ fn unexpected(name: &str, m: &Meta, reason: &str) -> Unexpected {
     Unexpected {
         name: name.to_string(),
         shape: m.shape.clone(),
-        dtype: m.dtype.name().to_string(),
+        dtype: m.type_name().to_string(),
         file: m.file.clone(),
         reason: reason.to_string(),
     }
@@ -524,7 +524,7 @@ fn summarize(
             TensorGroup::Lora => Box::new(lora.values()),
         };
         for m in metas {
-            *dtypes.entry(m.dtype.name().to_string()).or_insert(0) += 1;
+            *dtypes.entry(m.type_name().to_string()).or_insert(0) += 1;
         }
         let pick = |c: &ParamCounts| match group {
             TensorGroup::Base => c.base,
@@ -566,7 +566,7 @@ fn validate_info(info: &ConvertedInfo) -> Validation {
     let cfg = &info.config;
     let llama = &cfg.llama;
     let file = info.path.clone();
-    let metas: MetaMap = info
+    let mut metas: MetaMap = info
         .tensors
         .iter()
         .enumerate()
@@ -576,13 +576,33 @@ fn validate_info(info: &ConvertedInfo) -> Validation {
                 Meta {
                     shape: shape.clone(),
                     dtype: *dtype,
+                    quant: None,
                     file: file.clone(),
                     src: crate::catalog::SrcRef { file: 0, entry: i },
                 },
             )
         })
         .collect();
-    let want = Some(info.dtype.name());
+    // Quantized tensors under their logical shape (`src` is not used for a converted file).
+    for (i, (k, shape)) in info.quantized.iter().enumerate() {
+        let meta = Meta {
+            shape: shape.clone(),
+            dtype: info.dtype.float_type(),
+            quant: info.quantization,
+            file: file.clone(),
+            src: crate::catalog::SrcRef { file: 1, entry: i },
+        };
+        metas.insert(k.clone(), meta);
+    }
+    let float_type = info.dtype.name();
+    let want_of = |name: &str| {
+        Some(
+            match (info.quantized.contains_key(name), info.quantization) {
+                (true, Some(ty)) => ty.name(),
+                _ => float_type,
+            },
+        )
+    };
     let mut keys = Vec::new();
     let mut unexpected_list = Vec::new();
     let expected = model_tensors(cfg, None);
@@ -592,7 +612,14 @@ fn validate_info(info: &ConvertedInfo) -> Validation {
         } else {
             TensorGroup::Base
         };
-        keys.push(check_key(name, group, shape, metas.get(name), true, want));
+        keys.push(check_key(
+            name,
+            group,
+            shape,
+            metas.get(name),
+            true,
+            want_of(name),
+        ));
     }
     let lora_expected = info
         .lora
@@ -605,7 +632,7 @@ fn validate_info(info: &ConvertedInfo) -> Validation {
             shape,
             metas.get(name),
             false,
-            want,
+            want_of(name),
         ));
     }
     for (name, m) in &metas {

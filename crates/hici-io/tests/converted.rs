@@ -3,7 +3,8 @@
 mod common;
 
 use common::*;
-use hici_io::converted::converted_info;
+use hici_io::converted::{converted_info, load_converted_with};
+use hici_io::gguf::quants::GgmlType;
 use hici_io::validate::{validate_converted, validate_dirs, KeyStatus};
 use hici_io::{
     load_checkpoint, load_converted, plan_checkpoint, write_converted, ConvertOptions,
@@ -26,6 +27,7 @@ fn convert(out: &Path, dtype: StoreDtype, merge_lora: bool) {
         dtype,
         merge_lora,
         tokenizer_json: Some("{\"tok\": 1}".into()),
+        quantize: None,
     };
     write_converted(&plan, out, &o, &mut ()).unwrap_or_else(|e| panic!("{e}"));
 }
@@ -458,4 +460,186 @@ fn seeded_mutations_of_a_converted_file_never_panic() {
         }
     }
     eprintln!("[mutations] 300 mutated converted files, {loaded} still loaded");
+}
+
+/// Rewrites the safetensors header of `src` into `dst` with `edit` applied to its JSON.
+fn edit_header(src: &Path, dst: &Path, edit: &dyn Fn(&mut serde_json::Value)) {
+    let bytes = std::fs::read(src).expect("read");
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).expect("json");
+    edit(&mut header);
+    let mut h = serde_json::to_vec(&header).expect("json");
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(dst, out).expect("write");
+}
+
+/// `--quantize`: every linear weight whose rows are whole blocks of 32 is stored in ggml blocks
+/// (each value within half a quantization step of the merged f32 weight, an independent
+/// check of the quantizer), every other tensor is the f32 import's bitwise, the file is at
+/// most 0.4x (Q8_0) / 0.3x (Q4_0; the float MLP down projections weigh most) of the f32 import, and the reader checks what it reads.
+#[test]
+fn quantized_import_stores_blocks_of_the_merged_weights() {
+    let dir = TempDir::new("conv-quant");
+    let plan = plan_checkpoint(&fixture_base(), Some(&fixture_adapter()), &opts())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let f32_path = dir.path().join("f32.safetensors");
+    let f32_opts = ConvertOptions {
+        merge_lora: true,
+        ..ConvertOptions::default()
+    };
+    write_converted(&plan, &f32_path, &f32_opts, &mut ()).unwrap_or_else(|e| panic!("{e}"));
+    let reference = load_converted(&f32_path).unwrap_or_else(|e| panic!("{e}"));
+    let f32_bytes = std::fs::metadata(&f32_path).expect("f32 file").len() as f64;
+    for (ty, max_ratio) in [(GgmlType::Q8_0, 0.4), (GgmlType::Q4_0, 0.3)] {
+        let path = dir.path().join(format!("{}.safetensors", ty.name()));
+        let o = ConvertOptions {
+            quantize: Some(ty),
+            ..f32_opts.clone()
+        };
+        let summary = write_converted(&plan, &path, &o, &mut ()).unwrap_or_else(|e| panic!("{e}"));
+        let ratio = summary.bytes as f64 / f32_bytes;
+        eprintln!(
+            "{}: {} bytes, {ratio:.3}x the f32 import",
+            ty.name(),
+            summary.bytes
+        );
+        assert!(ratio <= max_ratio, "{}: {ratio:.3}x", ty.name());
+        assert_eq!(summary.format_version, 2);
+        let info = converted_info(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(info.quantization, Some(ty));
+        let expected: Vec<&String> = reference
+            .weights
+            .iter()
+            .filter(|(k, t)| hici_io::quantizable(k, &t.shape, ty))
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(summary.quantization, Some((ty, expected.len())));
+        assert_eq!(info.quantized.keys().collect::<Vec<_>>(), expected);
+        // The HiCI projections are among them; the MLP down projection (rows of 172) is not.
+        assert!(expected
+            .iter()
+            .any(|k| k.contains("local_constructor.q_proj")));
+        assert!(!expected.iter().any(|k| k.contains("down_proj")));
+
+        let kept = load_converted_with(&path, true).unwrap_or_else(|e| panic!("{e}"));
+        let expanded = load_converted(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(expanded.quantized.is_empty());
+        assert_eq!(kept.quantized.len(), expected.len());
+        assert_eq!(kept.config, reference.config);
+        assert_eq!(kept.lora, None);
+        for (name, want) in &reference.weights {
+            match kept.quantized.get(name) {
+                Some(q) => {
+                    assert_eq!(q.shape().to_vec(), want.shape);
+                    assert_eq!(q.offsets, None);
+                    let deq = q.dequantize();
+                    assert_eq!(&expanded.weights[name], &deq, "{name}: the f32 expansion");
+                    for (i, (&w, &d)) in want.data.iter().zip(&deq.data).enumerate() {
+                        // Half a step of the exact scale, plus |q| times the scale's f16
+                        // rounding (relative 2^-11): |w - q·d'| <= d/2 + |q|·|d - d'|.
+                        // Q4_0 (ggml's rule) maps the block's largest magnitude to -8 steps,
+                        // so values of the other sign are clipped at 7 steps: up to one step.
+                        let step = q.scales[i / 32].abs();
+                        let round = if ty == GgmlType::Q4_0 && q.values[i] == 7 {
+                            1.0
+                        } else {
+                            0.5
+                        };
+                        let bound =
+                            step * (round + (q.values[i].unsigned_abs() as f32 + 1.0) / 2048.0);
+                        assert!(
+                            (w - d).abs() <= bound * (1.0 + 1e-5) + 1e-7,
+                            "{} {name}[{i}]: {w} stored as {d} (step {step})",
+                            ty.name()
+                        );
+                    }
+                }
+                None => {
+                    assert_eq!(&kept.weights[name], want, "{name}: float tensor");
+                    assert_eq!(&expanded.weights[name], want, "{name}: float tensor");
+                }
+            }
+        }
+        let report = validate_converted(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(report.is_ok(), "{report:#?}");
+        let q_key = report
+            .keys
+            .iter()
+            .find(|k| k.name == "model.layers.0.self_attn.q_proj.weight")
+            .expect("q_proj listed");
+        assert_eq!(q_key.dtype.as_deref(), Some(ty.name()));
+    }
+
+    // Refused requests write nothing.
+    let out = dir.path().join("refused.safetensors");
+    let q41 = ConvertOptions {
+        quantize: Some(GgmlType::Q4_1),
+        ..f32_opts.clone()
+    };
+    expect_err(
+        write_converted(&plan, &out, &q41, &mut ()),
+        &["cannot quantize to Q4_1", "Q8_0, Q4_0"],
+    );
+    let unmerged = ConvertOptions {
+        quantize: Some(GgmlType::Q8_0),
+        ..ConvertOptions::default()
+    };
+    expect_err(
+        write_converted(&plan, &out, &unmerged, &mut ()),
+        &["LoRA factors merged"],
+    );
+    assert!(!out.exists());
+
+    // Tampered quantized files.
+    let q8 = dir.path().join("Q8_0.safetensors");
+    let p = dir.path().join("no-quant-meta.safetensors");
+    edit_header(&q8, &p, &|h| {
+        h["__metadata__"]
+            .as_object_mut()
+            .expect("metadata")
+            .remove("quantization");
+    });
+    expect_err(load_converted(&p), &["is U8", "no `quantization`"]);
+    let p = dir.path().join("bad-quant-meta.safetensors");
+    edit_header(&q8, &p, &|h| {
+        h["__metadata__"]["quantization"] = "F16".into()
+    });
+    expect_err(load_converted(&p), &["`F16` is not a block format"]);
+    let p = dir.path().join("v1.safetensors");
+    edit_header(&q8, &p, &|h| {
+        h["__metadata__"]["format_version"] = "1".into()
+    });
+    expect_err(
+        load_converted(&p),
+        &["not a block format of format version 1"],
+    );
+    let victim = "model.layers.1.self_attn.q_proj.weight";
+    let p = dir.path().join("shape.safetensors");
+    edit_header(&q8, &p, &|h| {
+        // 64 rows of 68 bytes stored as 32 rows of 136: same bytes, another logical shape
+        h[victim]["shape"] = serde_json::json!([32, 136]);
+    });
+    expect_err(load_converted(&p), &[victim, "shape"]);
+    let p = dir.path().join("partial-block.safetensors");
+    edit_header(&q8, &p, &|h| {
+        h[victim]["shape"] = serde_json::json!([128, 34])
+    });
+    // the logical shape follows from the stored one: 128 rows of 32
+    expect_err(load_converted(&p), &[victim, "has shape [128, 32]"]);
+    // A NaN scale (the first two bytes of the tensor's first block).
+    let bytes = std::fs::read(&q8).expect("read");
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).expect("json");
+    let start = header[victim]["data_offsets"][0].as_u64().expect("offset") as usize;
+    let mut raw = bytes.clone();
+    raw[8 + n + start..8 + n + start + 2].copy_from_slice(&half::f16::NAN.to_le_bytes());
+    let p = dir.path().join("nan-scale.safetensors");
+    std::fs::write(&p, raw).expect("write");
+    let e = expect_err(load_converted_with(&p, true), &[victim]);
+    assert!(matches!(e, IoError::NonFinite { .. }), "{e:?}");
 }

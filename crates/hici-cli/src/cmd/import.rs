@@ -4,8 +4,9 @@
 use crate::args::{DtypeArg, ModelArgs};
 use crate::load::{model_source, tokenizer_in_dirs, ModelSource};
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use hici_engine::CancelToken;
+use hici_io::gguf::quants::GgmlType;
 use hici_io::{plan_checkpoint, write_converted, ConvertOptions, ConvertProgress, StoreDtype};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::path::{Path, PathBuf};
@@ -15,7 +16,9 @@ use std::time::Instant;
 #[command(
     after_help = "The output is a safetensors file whose metadata holds the model \
 configuration (and tokenizer.json); tensors are stored in --dtype (f32, f16 or bf16) and upcast \
-to f32 when loaded with --model. Writing is atomic: a temporary file in the output directory is \
+to f32 when loaded with --model. With --quantize q8_0|q4_0 the linear weights whose rows are \
+whole blocks of 32 are stored in ggml's blocks of that format (LoRA merged first) and stay \
+quantized in memory on --device ndarray; the rest is stored in --dtype. Writing is atomic: a temporary file in the output directory is \
 renamed into place only when complete; on an error or Ctrl-C nothing is left behind."
 )]
 pub struct ImportArgs {
@@ -26,6 +29,30 @@ pub struct ImportArgs {
     /// and the HiCI projections) and store no LoRA factors.
     #[arg(long)]
     pub merge_lora: bool,
+    /// Store the linear weights (attention, MLP, HiCI projections, embedding, LM head) in this
+    /// block format; implies --merge-lora.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub quantize: Option<QuantizeArg>,
+}
+
+/// Block formats of `--quantize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QuantizeArg {
+    /// 8-bit values with an f16 scale per 32 (8.5 bits per weight).
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// 4-bit values with an f16 scale per 32 (4.5 bits per weight).
+    #[value(name = "q4_0")]
+    Q4_0,
+}
+
+impl QuantizeArg {
+    fn ggml(self) -> GgmlType {
+        match self {
+            QuantizeArg::Q8_0 => GgmlType::Q8_0,
+            QuantizeArg::Q4_0 => GgmlType::Q4_0,
+        }
+    }
 }
 
 /// One progress bar per tensor group on stderr (hidden when stderr is not a terminal).
@@ -120,6 +147,10 @@ pub fn run(m: &ModelArgs, a: &ImportArgs, cancel: &CancelToken) -> Result<()> {
     if a.merge_lora && plan.lora.is_none() {
         eprintln!("note: --merge-lora: the checkpoint has no LoRA adapter, nothing to merge");
     }
+    let merge_lora = a.merge_lora || (a.quantize.is_some() && plan.lora.is_some());
+    if merge_lora && !a.merge_lora {
+        eprintln!("note: --quantize merges the LoRA factors into the weights first");
+    }
     let tok_path = m
         .tokenizer
         .clone()
@@ -132,8 +163,9 @@ pub fn run(m: &ModelArgs, a: &ImportArgs, cancel: &CancelToken) -> Result<()> {
     };
     let convert = ConvertOptions {
         dtype,
-        merge_lora: a.merge_lora,
+        merge_lora,
         tokenizer_json,
+        quantize: a.quantize.map(QuantizeArg::ggml),
     };
     let mut bars = Bars {
         cancel: cancel.clone(),
@@ -157,8 +189,12 @@ pub fn run(m: &ModelArgs, a: &ImportArgs, cancel: &CancelToken) -> Result<()> {
         "out": summary.path,
         "source": source,
         "format": hici_io::FORMAT_NAME,
-        "format_version": hici_io::FORMAT_VERSION,
+        "format_version": summary.format_version,
         "dtype": summary.dtype.name(),
+        "quantization": summary.quantization.map(|(ty, n)| serde_json::json!({
+            "format": ty.name(),
+            "tensors": n,
+        })),
         "lora_merged": summary.lora_merged,
         "tensors": summary.tensors,
         "bytes": summary.bytes,
@@ -179,12 +215,16 @@ pub fn run(m: &ModelArgs, a: &ImportArgs, cancel: &CancelToken) -> Result<()> {
             + summary.stored.hici
             + summary.stored.lora;
         println!(
-            "wrote {} ({} tensors, {:.1} M parameters, {} bytes, {}{}{}) in {secs:.1} s",
+            "wrote {} ({} tensors, {:.1} M parameters, {} bytes, {}{}{}{}) in {secs:.1} s",
             summary.path.display(),
             summary.tensors,
             params as f64 / 1e6,
             summary.bytes,
             summary.dtype.name(),
+            match summary.quantization {
+                Some((ty, n)) => format!(", {n} linear weights in {}", ty.name()),
+                None => String::new(),
+            },
             if summary.lora_merged {
                 ", LoRA merged"
             } else {

@@ -16,7 +16,7 @@ pub mod quants;
 pub mod writer;
 
 use crate::error::IoError;
-use hici_model::weights::{BlockQuant, QUANT_BLOCK};
+use hici_model::weights::BlockQuant;
 use quants::GgmlType;
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -483,40 +483,12 @@ impl GgufFile {
         let bytes = self.read_bytes(t)?;
         let shape = t.shape();
         let (rows, cols) = (shape[0], shape[1..].iter().product::<usize>());
-        if !cols.is_multiple_of(QUANT_BLOCK) {
-            return Err(self.err(format!(
-                "tensor `{}`: rows of {cols} values are not whole blocks of {QUANT_BLOCK}",
-                t.name
-            )));
-        }
-        let n = rows * cols;
-        let (mut values, mut scales, mut offsets) = (
-            vec![0i8; n],
-            vec![0f32; n / QUANT_BLOCK],
-            vec![0f32; n / QUANT_BLOCK],
-        );
-        quants::to_blocks(
-            t.ty,
-            &bytes,
-            quants::Blocks {
-                values: &mut values,
-                scales: &mut scales,
-                offsets: &mut offsets,
-            },
-        );
-        if scales.iter().chain(&offsets).any(|v| !v.is_finite()) {
-            return Err(IoError::NonFinite {
+        quants::block_quant(t.ty, &bytes, rows, cols).map_err(|e| match e {
+            quants::BlockError::NonFinite => IoError::NonFinite {
                 key: t.name.clone(),
                 file: self.path.clone(),
-            });
-        }
-        let has_offsets = t.ty.block_mapping() == Some(quants::BlockMapping::ExactWithOffset);
-        Ok(BlockQuant {
-            rows,
-            cols,
-            values,
-            scales,
-            offsets: has_offsets.then_some(offsets),
+            },
+            quants::BlockError::Layout(msg) => self.err(format!("tensor `{}`: {msg}", t.name)),
         })
     }
 

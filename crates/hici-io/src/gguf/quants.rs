@@ -3,6 +3,7 @@
 //! function; every `*_block` function turns one block of bytes into its values.
 
 use half::{bf16, f16};
+use hici_model::weights::{BlockQuant, QUANT_BLOCK};
 
 /// A GGML element type as stored in GGUF tensor infos (`ggml_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -83,6 +84,25 @@ impl GgmlType {
             GgmlType::Q5K => "Q5_K",
             GgmlType::Q6K => "Q6_K",
         }
+    }
+
+    /// The type named `name` as [`Self::name`] spells it (case-insensitive).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::BF16,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+            GgmlType::Q4K,
+            GgmlType::Q5K,
+            GgmlType::Q6K,
+        ]
+        .into_iter()
+        .find(|t| t.name().eq_ignore_ascii_case(name))
     }
 
     /// Elements per block.
@@ -456,6 +476,105 @@ pub fn quantize_q4_1(values: &[f32]) -> Vec<u8> {
     out
 }
 
+/// f32 values in Q4_0 blocks (`d = m / -8` for the value `m` of largest magnitude, rounded to
+/// f16; `q = min(15, trunc(v / d + 8.5))`), as llama.cpp's `quantize_row_q4_0_ref`:
+/// `18 · n / 32` bytes.
+pub fn quantize_q4_0(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() / 32 * 18);
+    for block in values.chunks_exact(32) {
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in block {
+            if amax < v.abs() {
+                (amax, max) = (v.abs(), v);
+            }
+        }
+        let d = max / -8.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+        let q = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
+        for j in 0..16 {
+            out.push(q(block[j]) | (q(block[j + 16]) << 4));
+        }
+    }
+    out
+}
+
+/// A quantizer: f32 values (a multiple of 32) to ggml blocks.
+pub type Quantizer = fn(&[f32]) -> Vec<u8>;
+
+/// The quantizer of `ty`, for the types this crate writes: Q8_0, Q4_0 and Q4_1.
+pub fn quantizer(ty: GgmlType) -> Option<Quantizer> {
+    match ty {
+        GgmlType::Q8_0 => Some(quantize_q8_0),
+        GgmlType::Q4_0 => Some(quantize_q4_0),
+        GgmlType::Q4_1 => Some(quantize_q4_1),
+        _ => None,
+    }
+}
+
+/// Why [`block_quant`] refused a tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BlockError {
+    /// The shape is not whole blocks, or the byte count does not match it.
+    Layout(String),
+    /// A block scale or offset is NaN or infinite.
+    NonFinite,
+}
+
+/// A `[rows, cols]` tensor stored as whole blocks of `ty` along its rows (`cols` a multiple of
+/// 32 and of the block length), in 8-bit blocks of 32 (see [`to_blocks`]).
+pub fn block_quant(
+    ty: GgmlType,
+    bytes: &[u8],
+    rows: usize,
+    cols: usize,
+) -> Result<BlockQuant, BlockError> {
+    if !ty.is_quantized()
+        || !cols.is_multiple_of(ty.block_len())
+        || !cols.is_multiple_of(QUANT_BLOCK)
+    {
+        return Err(BlockError::Layout(format!(
+            "rows of {cols} values are not whole {} blocks of {}",
+            ty.name(),
+            ty.block_len()
+        )));
+    }
+    let n = rows * cols;
+    let want = n / ty.block_len() * ty.block_bytes();
+    if bytes.len() != want {
+        return Err(BlockError::Layout(format!(
+            "{} bytes for [{rows}, {cols}] in {}, expected {want}",
+            bytes.len(),
+            ty.name()
+        )));
+    }
+    let (mut values, mut scales, mut offsets) = (
+        vec![0i8; n],
+        vec![0f32; n / QUANT_BLOCK],
+        vec![0f32; n / QUANT_BLOCK],
+    );
+    to_blocks(
+        ty,
+        bytes,
+        Blocks {
+            values: &mut values,
+            scales: &mut scales,
+            offsets: &mut offsets,
+        },
+    );
+    if scales.iter().chain(&offsets).any(|v| !v.is_finite()) {
+        return Err(BlockError::NonFinite);
+    }
+    let has_offsets = ty.block_mapping() == Some(BlockMapping::ExactWithOffset);
+    Ok(BlockQuant {
+        rows,
+        cols,
+        values,
+        scales,
+        offsets: has_offsets.then_some(offsets),
+    })
+}
+
 /// f32 values in Q8_0 blocks (`d = max|v| / 127` rounded to f16, `q = round(v / d)`), as
 /// llama.cpp's `quantize_row_q8_0_ref` writes them: `34 · n / 32` bytes.
 pub fn quantize_q8_0(values: &[f32]) -> Vec<u8> {
@@ -489,6 +608,7 @@ mod tests {
         ] {
             assert_eq!((t.block_len(), t.block_bytes()), (bl, bb), "{}", t.name());
             assert_eq!(GgmlType::from_id(t.id()), Ok(t));
+            assert_eq!(GgmlType::from_name(&t.name().to_lowercase()), Some(t));
         }
         assert_eq!(GgmlType::from_id(10), Err("Q2_K"));
         assert_eq!(GgmlType::from_id(1000), Err("unknown"));
@@ -586,5 +706,40 @@ mod tests {
                 assert!((x - y).abs() <= d * 0.5 + d * 1e-3, "{x} vs {y}");
             }
         }
+    }
+
+    #[test]
+    fn q4_0_quantizer_matches_ggml_rounding() {
+        let v: Vec<f32> = (0..64)
+            .map(|i| ((i * 37) % 23) as f32 / 7.0 - 1.5)
+            .collect();
+        let bytes = quantize_q4_0(&v);
+        assert_eq!(bytes.len(), 36);
+        let mut back = vec![0f32; 64];
+        dequantize(GgmlType::Q4_0, &bytes, &mut back);
+        for (b, block) in back.chunks(32).zip(v.chunks(32)) {
+            // the value of largest magnitude is exactly -8 steps; every value within half a step
+            let m = block
+                .iter()
+                .copied()
+                .fold(0f32, |a, x| if x.abs() > a.abs() { x } else { a });
+            let d = (m / -8.0).abs();
+            for (x, y) in b.iter().zip(block) {
+                assert!((x - y).abs() <= d * 0.5 + d * 1e-2, "{x} vs {y} (step {d})");
+            }
+            let at = block.iter().position(|x| *x == m).unwrap();
+            assert!(
+                (b[at] - m).abs() <= d * 1e-2,
+                "extreme value {m} -> {}",
+                b[at]
+            );
+        }
+        let q = block_quant(GgmlType::Q4_0, &bytes, 2, 32).unwrap();
+        assert!(q.offsets.is_none());
+        for (i, x) in back.iter().enumerate() {
+            assert_eq!(q.values[i] as f32 * q.scales[i / 32], *x);
+        }
+        assert!(block_quant(GgmlType::Q4_0, &bytes[..35], 2, 32).is_err());
+        assert!(block_quant(GgmlType::Q4_0, &bytes, 1, 48).is_err());
     }
 }

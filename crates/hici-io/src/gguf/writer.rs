@@ -113,10 +113,8 @@ impl GgufWriter {
     /// `Q4_1`, llama.cpp's reference quantizers), the way `llama-quantize` treats a model's
     /// matrices; vectors (norms) stay f32. Returns how many tensors changed.
     pub fn quantize_matrices(&mut self, ty: GgmlType) -> usize {
-        let quantize: fn(&[f32]) -> Vec<u8> = match ty {
-            GgmlType::Q8_0 => super::quants::quantize_q8_0,
-            GgmlType::Q4_1 => super::quants::quantize_q4_1,
-            _ => return 0,
+        let Some(quantize) = super::quants::quantizer(ty) else {
+            return 0;
         };
         let mut n = 0;
         for (_, dims, t, data) in &mut self.tensors {
