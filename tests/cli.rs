@@ -41,7 +41,26 @@ fn generate_greedy_prompt_ids_equals_fixture() {
             reference[&key].i64,
             "{p} (reference cache)"
         );
+        // --kv-cache q8 decodes the same ids (tests/parity.rs bounds its logits)
+        let out = hici(&[
+            "generate",
+            "--prompt-ids",
+            &ids,
+            "--max-new-tokens",
+            "16",
+            "--json",
+            "--kv-cache",
+            "q8",
+        ]);
+        assert_eq!(
+            generated(&json_of(&out)),
+            want[&key].i64,
+            "{p} (q8 KV cache)"
+        );
     }
+    // ndarray has no f16 tensors: a one-line error, not a panic
+    let out = hici(&["generate", "--prompt", "hi", "--kv-cache", "f16"]);
+    assert_clean_error(&out, "f16 KV cache needs F16 tensors");
 }
 
 #[test]

@@ -3,7 +3,7 @@
 use burn::tensor::DType;
 use clap::{Args, ValueEnum};
 use hici_engine::{AttentionChoice, DeviceChoice, Fusion, LoadSpec, ModeChoice};
-use hici_model::{AttentionKernel, AttentionMode, DecodeCache, LoraMode};
+use hici_model::{AttentionKernel, AttentionMode, DecodeCache, KvStorage, LoraMode};
 use std::path::PathBuf;
 
 /// `--mode`.
@@ -92,6 +92,18 @@ pub enum WeightsArg {
     F32,
 }
 
+/// `--kv-cache`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvCacheArg {
+    /// The model's dtype (`--dtype`).
+    Model,
+    /// f16: half of f32 (devices with f16 tensors: wgpu, CUDA).
+    F16,
+    /// 8-bit values with one f32 scale per token and head: about 0.27x of f32 (every device;
+    /// keys and values are dequantized at each step).
+    Q8,
+}
+
 /// `--lora`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LoraArg {
@@ -155,6 +167,9 @@ pub struct ModelArgs {
     /// How the weights of a quantized model file are held.
     #[arg(long, value_enum, default_value = "native", global = true)]
     pub weights: WeightsArg,
+    /// How the KV cache holds keys and values.
+    #[arg(long, value_enum, default_value = "model", global = true)]
+    pub kv_cache: KvCacheArg,
     /// Machine-readable JSON on stdout (human text and progress go to stderr).
     #[arg(long, global = true)]
     pub json: bool,
@@ -194,6 +209,11 @@ impl ModelArgs {
                 LoraArg::Unmerged => LoraMode::Unmerged,
             },
             dequantize: self.weights == WeightsArg::F32,
+            kv_cache: match self.kv_cache {
+                KvCacheArg::Model => KvStorage::Model,
+                KvCacheArg::F16 => KvStorage::F16,
+                KvCacheArg::Q8 => KvStorage::Q8,
+            },
             progress: true,
         }
     }

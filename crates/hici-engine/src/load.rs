@@ -7,11 +7,11 @@ use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use burn::tensor::DType;
 use hici_io::{
-    load_checkpoint, load_converted, load_gguf, Checkpoint, GgufSummary, GgufVocab, LoadOptions,
-    LoadReport,
+    load_checkpoint, load_converted_with, load_gguf, Checkpoint, GgufSummary, GgufVocab,
+    LoadOptions, LoadReport,
 };
 use hici_model::weights::MixedWeights;
-use hici_model::{AttentionKernel, AttentionMode, DecodeCache, HiciLlama, LoraMode};
+use hici_model::{AttentionKernel, AttentionMode, DecodeCache, HiciLlama, KvStorage, LoraMode};
 use hici_runtime::generate::GenerateOptions;
 use hici_runtime::sampler::SamplingConfig;
 use hici_runtime::template::ChatFormat;
@@ -106,6 +106,8 @@ pub struct LoadSpec {
     pub lora: LoraMode,
     /// Expand the linear weights of quantized files to f32 (default: keep them quantized).
     pub dequantize: bool,
+    /// How decode caches hold keys and values.
+    pub kv_cache: KvStorage,
     /// Show a spinner on stderr while loading.
     pub progress: bool,
 }
@@ -128,6 +130,7 @@ impl Default for LoadSpec {
             attention: AttentionChoice::Auto,
             lora: LoraMode::Merged,
             dequantize: false,
+            kv_cache: KvStorage::Model,
             progress: true,
         }
     }
@@ -326,10 +329,12 @@ pub fn prepare<B: Backend>(
     args: &LoadSpec,
     kernel: AttentionKernel,
 ) -> Result<HiciLlama<B>> {
-    Ok(model
+    model
         .with_dtype(args.dtype)
         .with_context(|| format!("dtype {} on device {}", dtype_name(args.dtype), args.device))?
-        .with_attention_kernel(kernel))
+        .with_attention_kernel(kernel)
+        .with_kv_storage(args.kv_cache)
+        .map_err(Into::into)
 }
 
 /// Where the model comes from, as the options say.
@@ -474,11 +479,7 @@ pub fn read_checkpoint(args: &LoadSpec) -> Result<CheckpointSource> {
                 .as_deref()
                 .is_some_and(|t| t.contains("_Q"));
             if quantized_file && !args.dequantize && !args.keeps_quantized() {
-                g.checkpoint.report.notes.push(
-                    "quantized weights are expanded to f32 on this device (burn 0.21's GPU \
-                     quantized matmul is not exact here; kept quantized on --device ndarray)"
-                        .into(),
-                );
+                g.checkpoint.report.notes.push(EXPANDED_NOTE.into());
             }
             let chat_template = g.vocab.as_ref().and_then(|v| v.chat_template.clone());
             Ok(CheckpointSource {
@@ -492,8 +493,11 @@ pub fn read_checkpoint(args: &LoadSpec) -> Result<CheckpointSource> {
         ModelSource::Converted(path) => {
             let info = hici_io::converted::converted_info(&path)
                 .with_context(|| format!("loading {}", path.display()))?;
-            let mut checkpoint =
-                load_converted(&path).with_context(|| format!("loading {}", path.display()))?;
+            let mut checkpoint = load_converted_with(&path, args.keeps_quantized())
+                .with_context(|| format!("loading {}", path.display()))?;
+            if info.quantization.is_some() && !args.dequantize && !args.keeps_quantized() {
+                checkpoint.report.notes.push(EXPANDED_NOTE.into());
+            }
             let cfg = &mut checkpoint.config;
             if let Some(s) = args.rope_scale {
                 checkpoint.report.notes.push(format!(
@@ -528,6 +532,10 @@ pub fn read_checkpoint(args: &LoadSpec) -> Result<CheckpointSource> {
         }
     }
 }
+
+/// Load note for quantized weights that a device cannot keep quantized.
+const EXPANDED_NOTE: &str = "quantized weights are expanded to f32 on this device (burn 0.21's \
+     GPU quantized matmul is not exact here; kept quantized on --device ndarray)";
 
 /// Writes a `tokenizer.json` embedded in a converted file to a content-addressed file in the
 /// temp directory (the tokenizer library reads files) and returns its path.

@@ -20,7 +20,7 @@ mod tensor_util;
 pub mod weights;
 
 pub use attention::AttentionKernel;
-pub use cache::{DecodeCache, KvCache, LayerCache};
+pub use cache::{DecodeCache, KvCache, KvStorage, LayerCache};
 pub use config::{
     resolve_rope_factor, HiciConfig, LlamaConfig, LoraConfig, LoraMode, ModelConfig, RopeScaling,
 };

@@ -2,7 +2,7 @@
 //! modes of spec §4 as a typed value.
 
 use crate::attention::AttentionKernel;
-use crate::cache::{DecodeCache, KvCache};
+use crate::cache::{DecodeCache, KvCache, KvStorage};
 use crate::config::{LoraConfig, LoraMode, ModelConfig};
 use crate::error::ModelError;
 use crate::hici::broadcast::{segment_count, SegmentRule};
@@ -99,6 +99,9 @@ pub struct HiciLlama<B: Backend> {
     /// Attention implementation choice (see [`AttentionKernel`]).
     #[module(skip)]
     pub kernel: AttentionKernel,
+    /// How decode caches hold their keys and values (see [`KvStorage`]).
+    #[module(skip)]
+    pub kv_storage: KvStorage,
 }
 
 impl<B: Backend> HiciLlama<B> {
@@ -155,6 +158,7 @@ impl<B: Backend> HiciLlama<B> {
             config: cfg.clone(),
             rope: Rope::new(l.head_dim(), l.rope_theta, cfg.rope_factor),
             kernel: AttentionKernel::Exact,
+            kv_storage: KvStorage::Model,
         })
     }
 
@@ -191,6 +195,25 @@ impl<B: Backend> HiciLlama<B> {
     /// The dtype of the weights.
     pub fn dtype(&self) -> DType {
         self.norm.weight.dtype()
+    }
+
+    /// Chooses how decode caches store keys and values (default [`KvStorage::Model`]).
+    ///
+    /// Errors when the device has no tensors of that type (f16 on ndarray).
+    pub fn with_kv_storage(mut self, storage: KvStorage) -> Result<Self, ModelError> {
+        let needs = match storage {
+            KvStorage::Model => None,
+            KvStorage::F16 => Some(DType::F16),
+            KvStorage::Q8 => Some(DType::I8),
+        };
+        if let Some(dtype) = needs.filter(|d| !B::supports_dtype(&self.device(), *d)) {
+            return Err(ModelError::Config(format!(
+                "a {} KV cache needs {dtype:?} tensors, which this device does not support",
+                storage.name()
+            )));
+        }
+        self.kv_storage = storage;
+        Ok(self)
     }
 
     /// Chooses the attention implementation (default [`AttentionKernel::Exact`]).
@@ -349,6 +372,11 @@ impl<B: Backend> HiciLlama<B> {
                 caches.push(c);
             }
             x = layer.finish(x, out.out);
+        }
+        if self.kv_storage != KvStorage::Model {
+            for c in &mut caches {
+                c.store_as(self.kv_storage);
+            }
         }
         let cache = cache_kind.map(|kind| KvCache {
             layers: caches,

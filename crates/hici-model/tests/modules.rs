@@ -454,3 +454,46 @@ fn layer_cache_appends_equal_concatenation() {
         }
     }
 }
+
+/// A q8 layer cache (`KvStorage::Q8`) returns every appended value within half its block's
+/// quantization step (`max|block| / 254` over 32 values, checked against the f32 values
+/// appended), across growth and multi-token appends, at `(1 + 4 / 32) / 4` of the f32 bytes;
+/// re-storing as the model's dtype keeps those values.
+#[test]
+fn q8_layer_cache_holds_entries_within_half_a_step() {
+    let (b, h, d) = (1, 2, 64);
+    let piece = |n: usize, seed: u64| t(rnd(b * h * n * d, seed), [b, h, n, d]);
+    let mut cache = LayerCache::new(piece(5, 1), piece(5, 2));
+    let f32_bytes = cache.nbytes();
+    cache.store_as(KvStorage::Q8);
+    let ratio = cache.nbytes() as f64 / f32_bytes as f64;
+    assert!((ratio - (1.0 + 4.0 / 32.0) / 4.0).abs() < 1e-9, "{ratio}");
+    let (mut want_k, mut want_v) = (vec![piece(5, 1)], vec![piece(5, 2)]);
+    for (i, n) in [1usize, 70, 1, 3].into_iter().enumerate() {
+        let (k, v) = (piece(n, 10 + i as u64), piece(n, 100 + i as u64));
+        // an all-zero entry stays zero
+        let k = if i == 0 { k.zeros_like() } else { k };
+        cache.append(k.clone(), v.clone());
+        want_k.push(k);
+        want_v.push(v);
+    }
+    let check = |got: Tensor<B, 4>, want: Tensor<B, 4>| {
+        assert_eq!(got.dtype(), want.dtype());
+        let (g, w) = (to_vec_f32(got), to_vec_f32(want));
+        assert_eq!(g.len(), w.len());
+        for (row_g, row_w) in g.chunks(32).zip(w.chunks(32)) {
+            let step = row_w.iter().fold(0f32, |a, x| a.max(x.abs())) / 127.0;
+            for (x, y) in row_g.iter().zip(row_w) {
+                assert!(
+                    (x - y).abs() <= step * 0.5 * (1.0 + 1e-5),
+                    "{x} vs {y} (step {step})"
+                );
+            }
+        }
+    };
+    check(cache.keys(), Tensor::cat(want_k.clone(), 2));
+    check(cache.values(), Tensor::cat(want_v.clone(), 2));
+    let q8_keys = to_vec_f32(cache.keys());
+    cache.store_as(KvStorage::Model);
+    assert_eq!(to_vec_f32(cache.keys()), q8_keys);
+}
