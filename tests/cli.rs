@@ -13,47 +13,31 @@ fn generate_greedy_prompt_ids_equals_fixture() {
     for p in ["prompt1", "prompt2"] {
         let ids = ids_arg(&input_ids(&format!("{p}_ids")));
         let key = format!("{p}_generated_ids");
-        let out = hici(&[
-            "generate",
-            "--prompt-ids",
-            &ids,
-            "--max-new-tokens",
-            "16",
-            "--json",
-        ]);
-        let v = json_of(&out);
+        let run = |extra: &[&str]| {
+            let mut args = vec![
+                "generate",
+                "--prompt-ids",
+                &ids,
+                "--max-new-tokens",
+                "16",
+                "--json",
+            ];
+            args.extend_from_slice(extra);
+            json_of(&hici(&args))
+        };
+        let v = run(&[]);
         assert_eq!(generated(&v), want[&key].i64, "{p} (correct slot order)");
         assert_eq!(v["prompt_tokens"], ids.split(',').count());
         assert_eq!(v["stop_reason"], "max_tokens");
         assert!(v["timings"]["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
-        let out = hici(&[
-            "generate",
-            "--prompt-ids",
-            &ids,
-            "--max-new-tokens",
-            "16",
-            "--json",
-            "--decode-cache",
-            "reference",
-        ]);
         assert_eq!(
-            generated(&json_of(&out)),
+            generated(&run(&["--decode-cache", "reference"])),
             reference[&key].i64,
             "{p} (reference cache)"
         );
         // --kv-cache q8 decodes the same ids (tests/parity.rs bounds its logits)
-        let out = hici(&[
-            "generate",
-            "--prompt-ids",
-            &ids,
-            "--max-new-tokens",
-            "16",
-            "--json",
-            "--kv-cache",
-            "q8",
-        ]);
         assert_eq!(
-            generated(&json_of(&out)),
+            generated(&run(&["--kv-cache", "q8"])),
             want[&key].i64,
             "{p} (q8 KV cache)"
         );

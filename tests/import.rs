@@ -206,6 +206,21 @@ fn greedy(model: &[&str], ids: &str) -> Vec<i64> {
         .collect()
 }
 
+/// A text prompt runs on `model` (the tokenizer is embedded in the file).
+fn text_prompt_works(model: &str) {
+    let t = ok_json(&hici(&[
+        "--model",
+        model,
+        "generate",
+        "--prompt",
+        "hello",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ]));
+    assert!(t["prompt_tokens"].as_u64().expect("count") > 0);
+}
+
 /// The CLI round trip on the embedded model: same greedy ids and inspect checksum.
 #[test]
 fn cli_import_then_model_generates_the_same() {
@@ -239,18 +254,7 @@ fn cli_import_then_model_generates_the_same() {
         if extra.is_empty() || extra == ["--merge-lora"] {
             assert_eq!(got, want, "{file}");
         }
-        // Text prompts work too: the tokenizer is embedded in the file.
-        let t = ok_json(&hici(&[
-            "--model",
-            out_s,
-            "generate",
-            "--prompt",
-            "hello",
-            "--max-new-tokens",
-            "2",
-            "--json",
-        ]));
-        assert!(t["prompt_tokens"].as_u64().expect("count") > 0);
+        text_prompt_works(out_s);
     }
     // Importing the directories explicitly gives the same file as the embedded default.
     let explicit = dir.path().join("explicit.safetensors");
@@ -541,17 +545,7 @@ fn cli_quantized_import_generates() {
     let expanded = greedy(&["--model", q8_s, "--weights", "f32"], &ids);
     assert_eq!(native, expanded);
     assert_eq!(native.len(), 12);
-    let t = ok_json(&hici(&[
-        "--model",
-        q8_s,
-        "generate",
-        "--prompt",
-        "hello",
-        "--max-new-tokens",
-        "2",
-        "--json",
-    ]));
-    assert!(t["prompt_tokens"].as_u64().expect("count") > 0);
+    text_prompt_works(q8_s);
     let inspect = ok_json(&hici(&["--model", q8_s, "inspect", "--json"]));
     assert_eq!(inspect["valid"], true, "{inspect}");
     let bad = dir.path().join("bad.safetensors");

@@ -99,8 +99,8 @@ pub enum KvCacheArg {
     Model,
     /// f16: half of f32 (devices with f16 tensors: wgpu, CUDA).
     F16,
-    /// 8-bit values with one f32 scale per token and head: about 0.27x of f32 (every device;
-    /// keys and values are dequantized at each step).
+    /// 8-bit values with one f32 scale per 32: 0.28x of f32 (devices with i8 tensors:
+    /// ndarray; not wgpu; keys and values are dequantized at each step).
     Q8,
 }
 
