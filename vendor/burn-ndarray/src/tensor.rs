@@ -692,7 +692,10 @@ pub struct NdArrayQTensor {
     /// The quantization scheme.
     pub scheme: QuantScheme,
     /// The quantization parameters.
-    pub qparams: Vec<QParams<f32>>,
+    ///
+    /// HiCI patch: shared (`Arc`) instead of a `Vec`, so that cloning the tensor (every
+    /// `Param::val()` of a quantized weight, once per forward) does not copy every scale.
+    pub qparams: alloc::sync::Arc<Vec<QParams<f32>>>,
 }
 
 impl NdArrayQTensor {

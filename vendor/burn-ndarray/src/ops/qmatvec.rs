@@ -27,6 +27,11 @@ pub(crate) const BLOCK: usize = 32;
 /// Weight rows dequantized at a time on the many-rows path.
 const TILE_ROWS: usize = 256;
 
+/// Bytes ahead of the block being multiplied that the AVX2 kernel asks the cache to fetch
+/// (the next rows of the weight follow in memory). Measured on a 141 MB weight streamed from
+/// memory by one thread: 4.8 GB/s without, 6.5 with 2048 bytes (1024 did not help).
+const PREFETCH: usize = 2048;
+
 /// Weights (n * k) below which one thread does the product.
 const SERIAL: usize = 1 << 16;
 
@@ -104,6 +109,11 @@ fn dot_rows(
     dot_rows_generic(x, m, k, q, scales, j0, jn, acc);
 }
 
+/// AVX2/FMA form of [`dot_rows_generic`] with register accumulators: each block of a weight
+/// row is expanded once to f32 (`q · scale`, the values a dequantized weight holds: sign
+/// extension, conversion, one multiply per eight values) and multiplied into four eight-lane
+/// accumulators per left row, for two left rows at a time (then one), so that no partial sum
+/// goes through memory and no accumulator waits on the previous block's multiply-add.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -117,7 +127,74 @@ unsafe fn dot_rows_avx2(
     jn: usize,
     acc: &mut [f32],
 ) {
-    dot_rows_generic(x, m, k, q, scales, j0, jn, acc)
+    let kb = k / BLOCK;
+    for j in 0..jn {
+        let row = &q[(j0 + j) * k..(j0 + j + 1) * k];
+        let sc = &scales[(j0 + j) * kb..(j0 + j + 1) * kb];
+        let mut r = 0;
+        while r + 2 <= m {
+            // SAFETY: the features are enabled for this function; the slices hold whole blocks.
+            let [a, b] = unsafe { dot_tile_avx2::<2>(x, k, r, row, sc) };
+            acc[r * jn + j] = a;
+            acc[(r + 1) * jn + j] = b;
+            r += 2;
+        }
+        if r < m {
+            // SAFETY: as above.
+            let [a] = unsafe { dot_tile_avx2::<1>(x, k, r, row, sc) };
+            acc[r * jn + j] = a;
+        }
+    }
+}
+
+/// `Σ_i row[i] · scale[i / 32] · x[r0 + t, i]` for the `R` left rows `r0 .. r0 + R`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dot_tile_avx2<const R: usize>(
+    x: &[f32],
+    k: usize,
+    r0: usize,
+    row: &[i8],
+    sc: &[QParams<f32>],
+) -> [f32; R] {
+    use core::arch::x86_64::*;
+    debug_assert!(x.len() >= (r0 + R) * k && row.len() == k && sc.len() * BLOCK == k);
+    let mut lanes = [[_mm256_setzero_ps(); 4]; R];
+    let qp = row.as_ptr();
+    for (b, s) in sc.iter().enumerate() {
+        let base = b * BLOCK;
+        // SAFETY: `base + 32 <= k`: every load below stays inside `row` and the left rows.
+        unsafe {
+            let s = _mm256_set1_ps(s.scales);
+            if b % 2 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(qp.wrapping_add(base + PREFETCH) as *const i8);
+            }
+            let mut w = [_mm256_setzero_ps(); 4];
+            for (c, wc) in w.iter_mut().enumerate() {
+                let q8 = _mm_loadl_epi64(qp.add(base + 8 * c) as *const __m128i);
+                *wc = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)), s);
+            }
+            for (t, lane) in lanes.iter_mut().enumerate() {
+                let xp = x.as_ptr().add((r0 + t) * k + base);
+                for (c, l) in lane.iter_mut().enumerate() {
+                    *l = _mm256_fmadd_ps(w[c], _mm256_loadu_ps(xp.add(8 * c)), *l);
+                }
+            }
+        }
+    }
+    let mut out = [0f32; R];
+    for (o, lane) in out.iter_mut().zip(lanes.iter()) {
+        let v = _mm256_add_ps(
+            _mm256_add_ps(lane[0], lane[1]),
+            _mm256_add_ps(lane[2], lane[3]),
+        );
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+        *o = _mm_cvtss_f32(h);
+    }
+    out
 }
 
 /// Per weight row: each block is expanded once (`q · scale`, the very f32 values a

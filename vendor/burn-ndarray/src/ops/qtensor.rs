@@ -58,12 +58,12 @@ where
                             .scales
                             .into_iter()
                             .map(|scales| QParams { scales })
-                            .collect();
+                            .collect::<Vec<_>>();
 
                         NdArrayQTensor {
                             qtensor: NdArrayTensor::from_data(data),
                             scheme,
-                            qparams,
+                            qparams: alloc::sync::Arc::new(qparams),
                         }
                     }
                     QuantScheme {
@@ -173,7 +173,7 @@ where
         NdArrayQTensor {
             qtensor: NdArrayTensor::from_data(data),
             scheme: *scheme,
-            qparams,
+            qparams: alloc::sync::Arc::new(qparams),
         }
     }
 
