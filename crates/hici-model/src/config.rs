@@ -236,6 +236,12 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// The context the configuration supports (tokens): `max_position_embeddings` x the
+    /// linear RoPE factor.
+    pub fn context(&self) -> usize {
+        (self.llama.max_position_embeddings as f64 * self.rope_factor).round() as usize
+    }
+
     /// Validates both parts.
     pub fn validate(&self) -> Result<(), ModelError> {
         self.llama.validate()?;

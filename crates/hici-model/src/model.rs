@@ -8,7 +8,7 @@ use crate::error::ModelError;
 use crate::hici::broadcast::{segment_count, SegmentRule};
 use crate::layer::{DecoderLayer, RmsNorm};
 use crate::lora::{Linear, LinearWeight, QuantWeight};
-use crate::rope::Rope;
+use crate::rope::{Rope, RopeTables};
 use crate::tensor_util::to_param;
 use crate::weights::{take_quantized_shaped, take_shaped, BlockQuant, WeightSource};
 use burn::module::{ModuleMapper, Param};
@@ -96,12 +96,69 @@ pub struct HiciLlama<B: Backend> {
     pub config: ModelConfig,
     #[module(skip)]
     pub rope: Rope,
+    /// `rope`'s cos table `[P, hd]` (f32) for positions `0..P` (`P` the context, at most
+    /// [`ROPE_TABLE_MAX_POSITIONS`]), built once on the device at load: forward passes and
+    /// decode steps take its rows instead of building and uploading tables per call.
+    pub rope_cos: Tensor<B, 2>,
+    /// The sin table, as `rope_cos`.
+    pub rope_sin: Tensor<B, 2>,
     /// Attention implementation choice (see [`AttentionKernel`]).
     #[module(skip)]
     pub kernel: AttentionKernel,
     /// How decode caches hold their keys and values (see [`KvStorage`]).
     #[module(skip)]
     pub kv_storage: KvStorage,
+}
+
+/// Most positions whose RoPE tables a model keeps on its device (32K: 32 MiB at head size
+/// 128); positions past them get tables built per call.
+pub const ROPE_TABLE_MAX_POSITIONS: usize = 1 << 15;
+
+/// Positions of a model's RoPE table: its context (`max_position_embeddings` x the linear
+/// factor), at most [`ROPE_TABLE_MAX_POSITIONS`].
+fn rope_positions(cfg: &ModelConfig) -> usize {
+    cfg.context().clamp(1, ROPE_TABLE_MAX_POSITIONS)
+}
+
+impl<B: Backend> HiciLlama<B> {
+    /// RoPE tables for positions `start..start + len`: rows of [`Self::rope_cos`] /
+    /// [`Self::rope_sin`] when they cover them (no host work, no upload), else built on the
+    /// host (the same values).
+    pub fn rope_tables(&self, start: usize, len: usize, device: &B::Device) -> RopeTables<B> {
+        if start + len <= self.rope_cos.dims()[0] {
+            return RopeTables {
+                start,
+                cos: self.rope_cos.clone().narrow(0, start, len),
+                sin: self.rope_sin.clone().narrow(0, start, len),
+            };
+        }
+        self.rope.tables_for::<B>(start, len, device)
+    }
+
+    /// `(cos, sin)` rows `[n, hd]` for one position per row (a batched decode step): selected
+    /// from the tables kept on the device (an upload of `n` indices) when they cover them all.
+    pub fn rope_rows(
+        &self,
+        positions: &[usize],
+        device: &B::Device,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        if positions.iter().all(|&p| p < self.rope_cos.dims()[0]) {
+            let idx: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
+            let idx =
+                Tensor::<B, 1, Int>::from_data(TensorData::new(idx, [positions.len()]), device);
+            return (
+                self.rope_cos.clone().select(0, idx.clone()),
+                self.rope_sin.clone().select(0, idx),
+            );
+        }
+        let tables: Vec<_> = positions
+            .iter()
+            .map(|&p| self.rope.tables_for::<B>(p, 1, device))
+            .collect();
+        let cos = Tensor::cat(tables.iter().map(|t| t.cos.clone()).collect(), 0);
+        let sin = Tensor::cat(tables.iter().map(|t| t.sin.clone()).collect(), 0);
+        (cos, sin)
+    }
 }
 
 impl<B: Backend> HiciLlama<B> {
@@ -141,10 +198,16 @@ impl<B: Backend> HiciLlama<B> {
             },
             // a quantized table is already in the `[out, in]` layout of a quantized weight
             (Embed::Quantized(q), true) => Linear {
-                weight: LinearWeight::Quantized(QuantWeight::from_blocks(q, device)),
+                weight: LinearWeight::Quantized(QuantWeight::from_blocks(
+                    q,
+                    src.quant_product(),
+                    device,
+                )),
             },
             (_, false) => Linear::load(src, "lm_head.weight", h, v, device)?,
         };
+        let rope = Rope::new(l.head_dim(), l.rope_theta, cfg.rope_factor);
+        let table = rope.tables_for::<B>(0, rope_positions(cfg), device);
         let (embed_tokens, embed_host) = match embed {
             Embed::Dense(e) => (Some(to_param(e, device)), None),
             Embed::Quantized(q) => (None, Some(q)),
@@ -156,7 +219,9 @@ impl<B: Backend> HiciLlama<B> {
             norm,
             lm_head,
             config: cfg.clone(),
-            rope: Rope::new(l.head_dim(), l.rope_theta, cfg.rope_factor),
+            rope_cos: table.cos,
+            rope_sin: table.sin,
+            rope,
             kernel: AttentionKernel::Exact,
             kv_storage: KvStorage::Model,
         })
@@ -247,21 +312,39 @@ impl<B: Backend> HiciLlama<B> {
         let [b, s] = ids.dims();
         let h = self.config.llama.hidden_size;
         let Some(table) = &self.embed_tokens else {
-            let table = self.embed_host.as_ref().expect("a token embedding table");
             // ids were range-checked by the callers; one read-back of b*S ids
             let ids = ids.into_data().convert::<i64>();
             let ids = ids.as_slice::<i64>().expect("i64 ids after convert");
-            let mut rows = vec![0f32; b * s * h];
-            for (out, &id) in rows.chunks_exact_mut(h).zip(ids) {
-                table.dequantize_row(id as usize, out);
-            }
-            let x = Tensor::<B, 3>::from_data(TensorData::new(rows, [b, s, h]), &self.device());
-            return crate::tensor_util::as_dtype(x, self.dtype());
+            return self.embed_host_rows(ids, [b, s]);
         };
         table
             .val()
             .select(0, ids.reshape([b * s]))
             .reshape([b, s, h])
+    }
+
+    /// [`Self::embed`] from host ids `[b * S]` (row-major `[b, S]`, range-checked by the
+    /// caller) -> `[b, S, H]`: a table kept quantized on the host dequantizes its rows from
+    /// them directly, so a decode step reads nothing back from the device for its input.
+    fn embed_host_ids(&self, ids: &[i64], [b, s]: [usize; 2]) -> Tensor<B, 3> {
+        if self.embed_tokens.is_none() {
+            return self.embed_host_rows(ids, [b, s]);
+        }
+        let t =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [b, s]), &self.device());
+        self.embed(t)
+    }
+
+    /// The host-kept quantized table's rows for `ids` `[b * S]` -> `[b, S, H]`.
+    fn embed_host_rows(&self, ids: &[i64], [b, s]: [usize; 2]) -> Tensor<B, 3> {
+        let h = self.config.llama.hidden_size;
+        let table = self.embed_host.as_ref().expect("a token embedding table");
+        let mut rows = vec![0f32; b * s * h];
+        for (out, &id) in rows.chunks_exact_mut(h).zip(ids) {
+            table.dequantize_row(id as usize, out);
+        }
+        let x = Tensor::<B, 3>::from_data(TensorData::new(rows, [b, s, h]), &self.device());
+        crate::tensor_util::as_dtype(x, self.dtype())
     }
 
     /// Validates ids held in a device tensor (reads them back: one device sync).
@@ -342,7 +425,7 @@ impl<B: Backend> HiciLlama<B> {
             ));
         }
         let mut x = self.embed(ids);
-        let rope = self.rope.tables_for::<B>(0, s, &x.device());
+        let rope = self.rope_tables(0, s, &x.device());
         let mut caches = Vec::new();
         let mut traces = Vec::new();
         for layer in &self.layers {
@@ -459,7 +542,8 @@ impl<B: Backend> HiciLlama<B> {
         cache: &mut KvCache<B>,
     ) -> Result<Tensor<B, 3>, ModelError> {
         self.check_ids(&ids)?;
-        self.decode_checked(ids, cache)
+        let x = self.embed(ids);
+        self.decode_checked(x, cache)
     }
 
     /// [`Self::decode`] from host token ids `[s_new]` (batch 1). The ids are checked on the
@@ -470,13 +554,15 @@ impl<B: Backend> HiciLlama<B> {
         ids: &[i64],
         cache: &mut KvCache<B>,
     ) -> Result<Tensor<B, 3>, ModelError> {
-        let ids = self.token_tensor(ids)?;
-        self.decode_checked(ids, cache)
+        self.check_host_ids(ids)?;
+        let x = self.embed_host_ids(ids, [1, ids.len()]);
+        self.decode_checked(x, cache)
     }
 
+    /// A decode step from the embedded inputs `x` `[b, s_new, H]`.
     fn decode_checked(
         &self,
-        ids: Tensor<B, 2, Int>,
+        x: Tensor<B, 3>,
         cache: &mut KvCache<B>,
     ) -> Result<Tensor<B, 3>, ModelError> {
         if cache.layers.len() != self.layers.len() {
@@ -486,10 +572,10 @@ impl<B: Backend> HiciLlama<B> {
                 self.layers.len()
             )));
         }
-        let s = ids.dims()[1];
+        let s = x.dims()[1];
         let pos = cache.next_position;
-        let mut x = self.embed(ids);
-        let rope = self.rope.tables_for::<B>(pos, s, &x.device());
+        let mut x = x;
+        let rope = self.rope_tables(pos, s, &x.device());
         for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let a = layer.input_layernorm.forward(x.clone());
             let out = layer.self_attn.forward_decode(a, &rope, lc, self.kernel);
@@ -527,18 +613,10 @@ impl<B: Backend> HiciLlama<B> {
         let device = self.device();
         // the n sequences are the rows of one batch entry: `[1, n, H]` hidden states, so every
         // linear layer is one [n, H] x [H, out] product
-        let ids_t = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [1, n]), &device);
-        let mut x = self.embed(ids_t);
-        let tables: Vec<_> = caches
-            .iter()
-            .map(|c| self.rope.tables_for::<B>(c.next_position, 1, &device))
-            .collect();
-        let stack = |f: fn(&crate::rope::RopeTables<B>) -> Tensor<B, 2>| {
-            let rows: Vec<Tensor<B, 2>> = tables.iter().map(f).collect();
-            Tensor::cat(rows, 0).unsqueeze_dim::<3>(0)
-        };
-        let cos = stack(|t| t.cos.clone());
-        let sin = stack(|t| t.sin.clone());
+        let mut x = self.embed_host_ids(ids, [1, n]);
+        let positions: Vec<usize> = caches.iter().map(|c| c.next_position).collect();
+        let (cos, sin) = self.rope_rows(&positions, &device);
+        let (cos, sin) = (cos.unsqueeze_dim::<3>(0), sin.unsqueeze_dim::<3>(0));
         for (li, layer) in self.layers.iter().enumerate() {
             let a = layer.input_layernorm.forward(x.clone());
             let mut lcs: Vec<&mut crate::cache::LayerCache<B>> =

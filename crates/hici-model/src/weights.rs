@@ -6,6 +6,7 @@
 //! `model.layers.0.self_attn.local_constructor.memory_slots`.
 
 use crate::error::ModelError;
+pub use crate::lora::QuantProduct;
 use std::collections::BTreeMap;
 
 /// A dense f32 tensor on the host, row-major, PyTorch layout (`Linear` weights are `[out, in]`).
@@ -44,6 +45,12 @@ pub trait WeightSource {
     /// quantized weights ask here first.
     fn take_quantized(&mut self, _name: &str) -> Option<BlockQuant> {
         None
+    }
+
+    /// How the model is to multiply the quantized tensors this source hands out (the loader
+    /// knows the device they go to).
+    fn quant_product(&self) -> QuantProduct {
+        QuantProduct::Backend
     }
 }
 
@@ -191,6 +198,8 @@ pub type QuantMap = BTreeMap<String, BlockQuant>;
 pub struct MixedWeights {
     pub dense: WeightMap,
     pub quantized: QuantMap,
+    /// How the model multiplies `quantized` (see [`QuantProduct`]).
+    pub product: QuantProduct,
 }
 
 impl MixedWeights {
@@ -219,5 +228,9 @@ impl WeightSource for MixedWeights {
 
     fn take_quantized(&mut self, name: &str) -> Option<BlockQuant> {
         self.quantized.remove(name)
+    }
+
+    fn quant_product(&self) -> QuantProduct {
+        self.product
     }
 }
