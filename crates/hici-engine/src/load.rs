@@ -10,7 +10,7 @@ use hici_io::{
     load_checkpoint, load_converted_with, load_gguf, Checkpoint, GgufSummary, GgufVocab,
     LoadOptions, LoadReport,
 };
-use hici_model::weights::MixedWeights;
+use hici_model::weights::{MixedWeights, QuantProduct};
 use hici_model::{AttentionKernel, AttentionMode, DecodeCache, HiciLlama, KvStorage, LoraMode};
 use hici_runtime::generate::GenerateOptions;
 use hici_runtime::sampler::SamplingConfig;
@@ -147,13 +147,21 @@ pub fn dtype_name(d: DType) -> &'static str {
 }
 
 impl LoadSpec {
-    /// Whether the linear weights of quantized files stay quantized: asked for (`dequantize`
-    /// unset) and on a backend whose quantized product is verified. Only ndarray qualifies
-    /// (vendor/burn-ndarray's block kernels): burn 0.21's CubeCL quantized matmul returns
-    /// wrong products for a transposed block-quantized weight (measured on wgpu/lavapipe, a
-    /// `[1, 576] x [576, 1536]` product off by 5x), so wgpu and CUDA expand such files to f32.
+    /// Whether the linear weights of quantized files stay quantized (`dequantize` unset).
     pub fn keeps_quantized(&self) -> bool {
-        !self.dequantize && matches!(self.device, DeviceChoice::Ndarray)
+        !self.dequantize
+    }
+
+    /// How the model multiplies quantized weights on this device: burn's quantized matmul on
+    /// ndarray (vendor/burn-ndarray's block kernels, verified); elsewhere row chunks
+    /// dequantized by burn's kernel, then the float matmul. burn 0.21's CubeCL quantized
+    /// matmul returns wrong products for these block-quantized weights (measured on
+    /// wgpu/lavapipe: a `[1, 576] x [576, 1536]` product off by 5x).
+    pub fn quant_product(&self) -> QuantProduct {
+        match self.device {
+            DeviceChoice::Ndarray => QuantProduct::Backend,
+            _ => QuantProduct::Dequantize,
+        }
     }
 
     /// The mode for a model with (`has_hici`) or without HiCI modules: the default follows the
@@ -275,6 +283,7 @@ pub fn load<B: Backend>(args: &LoadSpec, device: &B::Device) -> Result<Loaded<B>
     let mut weights = MixedWeights {
         dense: ck.weights,
         quantized: ck.quantized,
+        product: args.quant_product(),
     };
     let model = HiciLlama::<B>::from_weights(&ck.config, ck.lora, args.lora, &mut weights, device)
         .context("building the model")?;
@@ -318,7 +327,7 @@ pub fn load<B: Backend>(args: &LoadSpec, device: &B::Device) -> Result<Loaded<B>
 
 /// The context a configuration supports: `max_position_embeddings` x the linear RoPE factor.
 pub fn context_of(cfg: &hici_model::ModelConfig) -> usize {
-    (cfg.llama.max_position_embeddings as f64 * cfg.rope_factor).round() as usize
+    cfg.context()
 }
 
 /// The precision and attention-kernel steps every command applies to a freshly built model:
@@ -472,15 +481,7 @@ pub fn read_checkpoint(args: &LoadSpec) -> Result<CheckpointSource> {
                 );
             }
             // the reader's errors name the file already
-            let mut g = load_gguf(&path, &load_options(args, 8))?;
-            let quantized_file = g
-                .summary
-                .file_type
-                .as_deref()
-                .is_some_and(|t| t.contains("_Q"));
-            if quantized_file && !args.dequantize && !args.keeps_quantized() {
-                g.checkpoint.report.notes.push(EXPANDED_NOTE.into());
-            }
+            let g = load_gguf(&path, &load_options(args, 8))?;
             let chat_template = g.vocab.as_ref().and_then(|v| v.chat_template.clone());
             Ok(CheckpointSource {
                 checkpoint: g.checkpoint,
@@ -495,9 +496,6 @@ pub fn read_checkpoint(args: &LoadSpec) -> Result<CheckpointSource> {
                 .with_context(|| format!("loading {}", path.display()))?;
             let mut checkpoint = load_converted_with(&path, args.keeps_quantized())
                 .with_context(|| format!("loading {}", path.display()))?;
-            if info.quantization.is_some() && !args.dequantize && !args.keeps_quantized() {
-                checkpoint.report.notes.push(EXPANDED_NOTE.into());
-            }
             let cfg = &mut checkpoint.config;
             if let Some(s) = args.rope_scale {
                 checkpoint.report.notes.push(format!(
@@ -532,10 +530,6 @@ pub fn read_checkpoint(args: &LoadSpec) -> Result<CheckpointSource> {
         }
     }
 }
-
-/// Load note for quantized weights that a device cannot keep quantized.
-const EXPANDED_NOTE: &str = "quantized weights are expanded to f32 on this device (burn 0.21's \
-     GPU quantized matmul is not exact here; kept quantized on --device ndarray)";
 
 /// Writes a `tokenizer.json` embedded in a converted file to a content-addressed file in the
 /// temp directory (the tokenizer library reads files) and returns its path.
