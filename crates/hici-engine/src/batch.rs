@@ -8,7 +8,7 @@
 //! immediately. Each sequence samples with its own sampler from its own logits, so it produces
 //! what it would alone.
 
-use crate::engine::Engine;
+use crate::engine::{Engine, StepItem};
 use hici_model::AttentionMode;
 use hici_runtime::cancel::CancelToken;
 use hici_runtime::generate::{GenerateOptions, GenerateOutput, Sequence};
@@ -129,9 +129,10 @@ impl<'e, 't> Scheduler<'e, 't> {
         if chunked {
             let first = &job.prompt[..self.prefill_chunk];
             let rest = job.prompt.len() - first.len();
-            if let Err(e) = self
-                .engine
-                .prefill(id, first, &job.opts, seq.reserve_hint() + rest)
+            // the chunk's logits are not used: nothing is read back
+            if let Err(e) =
+                self.engine
+                    .prefill(id, first, &job.opts, seq.reserve_hint() + rest, None)
             {
                 self.engine.release(id);
                 return job.sink.done(Err(e.to_string()));
@@ -146,18 +147,19 @@ impl<'e, 't> Scheduler<'e, 't> {
             });
             return;
         }
-        let row = match self
+        let reserve = seq.reserve_hint();
+        let next = match self
             .engine
-            .prefill(id, &job.prompt, &job.opts, seq.reserve_hint())
+            .prefill(id, &job.prompt, &job.opts, reserve, Some(&mut seq))
         {
-            Ok(r) => r,
+            Ok(r) => r.expect("a choice for the sequence"),
             Err(e) => {
                 self.engine.release(id);
                 return job.sink.done(Err(e.to_string()));
             }
         };
         seq.prefilled();
-        self.start(id, seq, &row, job.cancel, job.sink);
+        self.start(id, seq, next, job.cancel, job.sink);
     }
 
     /// The first token after a finished prefill: the sequence joins the batch, or ends.
@@ -165,11 +167,11 @@ impl<'e, 't> Scheduler<'e, 't> {
         &mut self,
         id: u64,
         mut seq: Sequence<'t>,
-        row: &[f32],
+        next: u32,
         cancel: CancelToken,
         mut sink: Box<dyn Sink>,
     ) {
-        let step = seq.advance(row, &mut streamer(sink.as_mut(), &cancel));
+        let step = seq.advance_picked(next, &mut streamer(sink.as_mut(), &cancel));
         match step {
             Ok(Some(next)) => self.active.push(Active {
                 id,
@@ -201,7 +203,10 @@ impl<'e, 't> Scheduler<'e, 't> {
             return finish(p.seq, p.sink.as_mut(), &p.cancel);
         }
         let end = (p.done + self.prefill_chunk).min(p.prompt.len());
-        let row = match self.engine.extend(p.id, &p.prompt[p.done..end]) {
+        // only the last chunk's logits are used
+        let last = end == p.prompt.len();
+        let seq = if last { Some(&mut p.seq) } else { None };
+        let next = match self.engine.extend(p.id, &p.prompt[p.done..end], seq) {
             Ok(r) => r,
             Err(e) => {
                 self.engine.release(p.id);
@@ -209,12 +214,12 @@ impl<'e, 't> Scheduler<'e, 't> {
             }
         };
         p.done = end;
-        if end < p.prompt.len() {
+        let Some(next) = next else {
             self.prefilling.push_front(p);
             return;
-        }
+        };
         p.seq.prefilled();
-        self.start(p.id, p.seq, &row, p.cancel, p.sink);
+        self.start(p.id, p.seq, next, p.cancel, p.sink);
     }
 
     /// One step: the next chunk of a chunked prefill (if any), then one decode step for every
@@ -235,8 +240,17 @@ impl<'e, 't> Scheduler<'e, 't> {
         if keep.is_empty() {
             return;
         }
-        let items: Vec<(u64, u32)> = keep.iter().map(|a| (a.id, a.next)).collect();
-        let rows = match self.engine.decode_batch(&items) {
+        let mut items: Vec<StepItem> = keep
+            .iter_mut()
+            .map(|a| StepItem {
+                id: a.id,
+                token: a.next,
+                seq: &mut a.seq,
+            })
+            .collect();
+        let rows = self.engine.decode_batch(&mut items);
+        drop(items);
+        let rows = match rows {
             Ok(r) => r,
             Err(e) => {
                 for mut a in keep {
@@ -249,7 +263,7 @@ impl<'e, 't> Scheduler<'e, 't> {
         for (mut a, row) in keep.into_iter().zip(rows) {
             let step = a
                 .seq
-                .advance(&row, &mut streamer(a.sink.as_mut(), &a.cancel));
+                .advance_picked(row, &mut streamer(a.sink.as_mut(), &a.cancel));
             match step {
                 Ok(Some(next)) => {
                     a.next = next;

@@ -4,9 +4,11 @@
 use crate::load::{load, LoadSpec, Loaded};
 use anyhow::Result;
 use burn::prelude::*;
-use hici_model::{to_vec_f32, AttentionMode, KvCache, Logits};
+use hici_model::{AttentionMode, KvCache, Logits};
 use hici_runtime::cancel::CancelToken;
-use hici_runtime::generate::{generate, GenerateOptions, GenerateOutput};
+use hici_runtime::generate::{
+    generate, last_row, read_id, read_ids, GenerateOptions, GenerateOutput, Sequence,
+};
 use hici_runtime::sampler::SamplingConfig;
 use hici_runtime::template::ChatFormat;
 use hici_runtime::tokenizer::HiciTokenizer;
@@ -65,28 +67,47 @@ pub trait Engine {
     ) -> Result<GenerateOutput, RuntimeError>;
 
     /// Batched generation, step 1: prefills `prompt` in `opts.mode` into a new cache kept under
-    /// `id` (with room for `reserve` more entries); returns the last logits row `[V]`.
+    /// `id` (with room for `reserve` more entries). With `seq`, its next token is chosen from
+    /// the last position on the device ([`Sequence::choose`]) and returned; without, nothing
+    /// is read back.
     fn prefill(
         &mut self,
         id: u64,
         prompt: &[u32],
         opts: &GenerateOptions,
         reserve: usize,
-    ) -> Result<Vec<f32>, RuntimeError>;
+        seq: Option<&mut Sequence<'_>>,
+    ) -> Result<Option<u32>, RuntimeError>;
 
     /// Batched generation, chunked prefill: appends `tokens` (the next chunk of a prompt,
-    /// full attention) to the cache under `id`; returns the logits row `[V]` of the last one.
-    fn extend(&mut self, id: u64, tokens: &[u32]) -> Result<Vec<f32>, RuntimeError>;
+    /// full attention) to the cache under `id`; with `seq`, as for [`Engine::prefill`].
+    fn extend(
+        &mut self,
+        id: u64,
+        tokens: &[u32],
+        seq: Option<&mut Sequence<'_>>,
+    ) -> Result<Option<u32>, RuntimeError>;
 
-    /// Batched generation, step 2: one decode step for every `(id, token)` at once (the
-    /// weights are read once); returns each sequence's logits row `[V]`, in order.
-    fn decode_batch(&mut self, items: &[(u64, u32)]) -> Result<Vec<Vec<f32>>, RuntimeError>;
+    /// Batched generation, step 2: one decode step for every item at once (the weights are
+    /// read once); returns each sequence's next token, chosen on the device, in order (one
+    /// read for all of them).
+    fn decode_batch(&mut self, items: &mut [StepItem<'_, '_>]) -> Result<Vec<u32>, RuntimeError>;
 
     /// Frees the cache kept under `id`.
     fn release(&mut self, id: u64);
 
     /// Caches held (sequences prefilled and not released).
     fn cached(&self) -> usize;
+}
+
+/// One sequence of a batched decode step.
+pub struct StepItem<'a, 't> {
+    /// The sequence's cache.
+    pub id: u64,
+    /// Its next input token.
+    pub token: u32,
+    /// The sequence, which chooses its next token from its logits row.
+    pub seq: &'a mut Sequence<'t>,
 }
 
 struct Typed<B: Backend> {
@@ -135,7 +156,8 @@ impl<B: Backend> Engine for Typed<B> {
         prompt: &[u32],
         opts: &GenerateOptions,
         reserve: usize,
-    ) -> Result<Vec<f32>, RuntimeError> {
+        seq: Option<&mut Sequence<'_>>,
+    ) -> Result<Option<u32>, RuntimeError> {
         let ids: Vec<i64> = prompt.iter().map(|&x| x as i64).collect();
         let (logits, mut cache) =
             self.loaded
@@ -143,42 +165,55 @@ impl<B: Backend> Engine for Typed<B> {
                 .prefill_tokens(&ids, opts.mode, opts.decode_cache, Logits::Last)?;
         cache.reserve(reserve);
         self.caches.insert(id, cache);
-        Ok(to_vec_f32(logits))
+        Ok(seq.map(|s| read_id(s.choose(last_row(logits)))))
     }
 
-    fn extend(&mut self, id: u64, tokens: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+    fn extend(
+        &mut self,
+        id: u64,
+        tokens: &[u32],
+        seq: Option<&mut Sequence<'_>>,
+    ) -> Result<Option<u32>, RuntimeError> {
         let cache = self
             .caches
             .get_mut(&id)
             .ok_or_else(|| RuntimeError::Input(format!("no cache for sequence {id}")))?;
         let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
         let logits = self.loaded.model.decode_tokens(&ids, cache)?;
-        let s = logits.dims()[1];
-        Ok(to_vec_f32(logits.narrow(1, s - 1, 1)))
+        Ok(seq.map(|s| read_id(s.choose(last_row(logits)))))
     }
 
-    fn decode_batch(&mut self, items: &[(u64, u32)]) -> Result<Vec<Vec<f32>>, RuntimeError> {
+    fn decode_batch(&mut self, items: &mut [StepItem<'_, '_>]) -> Result<Vec<u32>, RuntimeError> {
         let mut taken = Vec::with_capacity(items.len());
-        for (id, _) in items {
-            match self.caches.remove(id) {
-                Some(c) => taken.push((*id, c)),
+        for it in items.iter() {
+            match self.caches.remove(&it.id) {
+                Some(c) => taken.push((it.id, c)),
                 None => {
                     for (i, c) in taken {
                         self.caches.insert(i, c);
                     }
-                    return Err(RuntimeError::Input(format!("no cache for sequence {id}")));
+                    return Err(RuntimeError::Input(format!(
+                        "no cache for sequence {}",
+                        it.id
+                    )));
                 }
             }
         }
-        let ids: Vec<i64> = items.iter().map(|&(_, t)| t as i64).collect();
+        let ids: Vec<i64> = items.iter().map(|it| it.token as i64).collect();
         let mut refs: Vec<&mut KvCache<B>> = taken.iter_mut().map(|(_, c)| c).collect();
         let out = self.loaded.model.decode_batch(&ids, &mut refs);
         for (i, c) in taken {
             self.caches.insert(i, c);
         }
-        let flat = to_vec_f32(out?);
-        let v = flat.len() / items.len();
-        Ok(flat.chunks(v).map(<[f32]>::to_vec).collect())
+        let out = out?;
+        let [n, _, v] = out.dims();
+        let logits = out.reshape([n, v]);
+        let ids = items
+            .iter_mut()
+            .enumerate()
+            .map(|(i, it)| it.seq.choose(logits.clone().narrow(0, i, 1).reshape([v])))
+            .collect();
+        Ok(read_ids(ids))
     }
 
     fn release(&mut self, id: u64) {

@@ -12,7 +12,7 @@ pub mod load;
 
 pub use batch::{BatchJob, Scheduler, Sink, DEFAULT_PREFILL_CHUNK};
 pub use device::DeviceChoice;
-pub use engine::{load_engine, Engine, EngineInfo};
+pub use engine::{load_engine, Engine, EngineInfo, StepItem};
 pub use hici_runtime::cancel::CancelToken;
 pub use hici_runtime::generate::{GenerateOptions, GenerateOutput, StopReason, Timings};
 pub use load::{

@@ -34,6 +34,10 @@ fn prompt(n: usize, salt: u32) -> Vec<u32> {
 }
 
 fn run(mode: ModeChoice) {
+    run_with(mode, SamplingConfig::default());
+}
+
+fn run_with(mode: ModeChoice, sampling: SamplingConfig) {
     let spec = LoadSpec {
         mode: Some(mode),
         progress: false,
@@ -42,7 +46,7 @@ fn run(mode: ModeChoice) {
     let mut engine = load_engine(&spec).expect("embedded model");
     let prompts = [prompt(5, 1), prompt(70, 2), prompt(23, 3), prompt(130, 4)];
     let opts = |n: usize| {
-        let mut o = engine.options(n, SamplingConfig::default());
+        let mut o = engine.options(n, sampling.clone());
         o.stop_ids.clear();
         o
     };
@@ -82,7 +86,11 @@ fn run(mode: ModeChoice) {
     got.sort_by_key(|(i, _)| *i);
     assert_eq!(got.len(), prompts.len());
     for (i, r) in got {
-        assert_eq!(r.as_ref().unwrap(), &alone[i], "{mode:?}: sequence {i}");
+        assert_eq!(
+            r.as_ref().unwrap(),
+            &alone[i],
+            "{mode:?}, {sampling:?}: sequence {i}"
+        );
     }
     assert_eq!(engine.cached(), 0, "caches left behind");
 }
@@ -95,6 +103,40 @@ fn batched_sequences_equal_their_answers_alone_full_with_chunked_prefill() {
 #[test]
 fn batched_sequences_equal_their_answers_alone_hici_mode_i() {
     run(ModeChoice::Hici);
+}
+
+/// Sampled sequences too: each stream's sampler (its seed, penalties and history) picks in
+/// the batch what it picks alone, whether it runs on the device (temperature, top-k,
+/// penalties) or on the host (top-p without top-k).
+#[test]
+fn batched_sampled_sequences_equal_their_answers_alone() {
+    let base = SamplingConfig {
+        greedy: false,
+        temperature: 0.9,
+        seed: 42,
+        ..SamplingConfig::default()
+    };
+    for sampling in [
+        base.clone(),
+        SamplingConfig {
+            top_k: 8,
+            top_p: 0.9,
+            repeat_penalty: 1.2,
+            frequency_penalty: 0.3,
+            ..base.clone()
+        },
+        SamplingConfig {
+            top_p: 0.9,
+            ..base.clone()
+        },
+        SamplingConfig {
+            greedy: true,
+            presence_penalty: 0.5,
+            ..base
+        },
+    ] {
+        run_with(ModeChoice::Full, sampling);
+    }
 }
 
 #[test]

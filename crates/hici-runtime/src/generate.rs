@@ -5,7 +5,7 @@ use crate::error::RuntimeError;
 use crate::sampler::{Sampler, SamplingConfig};
 use crate::tokenizer::{HiciTokenizer, StreamDecoder};
 use burn::prelude::*;
-use hici_model::{to_vec_f32, AttentionMode, DecodeCache, HiciLlama, Logits};
+use hici_model::{AttentionMode, DecodeCache, HiciLlama, Logits};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -180,14 +180,18 @@ impl<'t> Sequence<'t> {
         self.accept(next, on_text)
     }
 
-    /// Whether the next id is the plain argmax of the logits ([`Sampler::is_plain_argmax`]), so
-    /// that the caller may pick it on the device and use [`Self::advance_picked`].
-    pub fn picks_argmax(&self) -> bool {
-        self.sampler.is_plain_argmax()
+    /// Chooses the next token from the last position's logits `row` `[V]` on the device
+    /// ([`Sampler::sample_on_device`], or the argmax): the id as a `[1]` tensor, the only
+    /// thing a decode step then reads back ([`read_ids`]); [`Self::advance_picked`] takes it.
+    pub fn choose<B: Backend>(&mut self, row: Tensor<B, 1>) -> Tensor<B, 1, Int> {
+        if self.sampler.is_plain_argmax() {
+            return row.argmax(0);
+        }
+        let generated = self.generated.len();
+        self.sampler.sample_on_device(row, &self.history, generated)
     }
 
-    /// [`Self::advance`] with the next id already picked (the argmax taken on the device when
-    /// [`Self::picks_argmax`]).
+    /// [`Self::advance`] with the next id already picked (by [`Self::choose`] on the device).
     pub fn advance_picked(
         &mut self,
         next: u32,
@@ -305,20 +309,15 @@ pub fn generate<B: Backend>(
     // room for every token this call may still append (never past the context): decoding
     // then never reallocates
     cache.reserve(seq.reserve_hint());
-    // greedy without penalties: the argmax is taken on the device and a step reads back one
-    // id, not the `[V]` logits row
-    let on_device = seq.picks_argmax();
+    // the next id is chosen on the device: a step reads back one id, not the `[V]` logits row
     let mut logits = logits;
     seq.prefilled();
     loop {
         if cancel() {
             seq.interrupt();
         }
-        let step = if on_device {
-            seq.advance_picked(argmax_last(logits), on_text)?
-        } else {
-            seq.advance(&to_vec_f32(logits), on_text)?
-        };
+        let next = read_id(seq.choose(last_row(logits)));
+        let step = seq.advance_picked(next, on_text)?;
         match step {
             Some(next) => logits = model.decode_tokens(&[next as i64], &mut cache)?,
             None => break,
@@ -327,14 +326,35 @@ pub fn generate<B: Backend>(
     seq.finish(on_text)
 }
 
+/// Reads several sequences' chosen ids (`[1]` each, from [`Sequence::choose`]) back in one
+/// read, in order.
+pub fn read_ids<B: Backend>(ids: Vec<Tensor<B, 1, Int>>) -> Vec<u32> {
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    Tensor::cat(ids, 0)
+        .into_data()
+        .iter::<i64>()
+        .map(|x| x as u32)
+        .collect()
+}
+
+/// One sequence's chosen id read back ([`read_ids`] of one).
+pub fn read_id<B: Backend>(id: Tensor<B, 1, Int>) -> u32 {
+    read_ids(vec![id])[0]
+}
+
+/// The last position's logits row `[V]` of `logits` `[1, s, V]`.
+pub fn last_row<B: Backend>(logits: Tensor<B, 3>) -> Tensor<B, 1> {
+    let [_, s, v] = logits.dims();
+    logits.narrow(1, s - 1, 1).reshape([v])
+}
+
 /// The argmax of the last position's logits (`[1, s, V]`), computed on the device; only the
 /// id is read back.
 pub fn argmax_last<B: Backend>(logits: Tensor<B, 3>) -> u32 {
-    let [_, s, v] = logits.dims();
-    let id = logits
-        .narrow(1, s - 1, 1)
-        .reshape([1, v])
-        .argmax(1)
+    let id = last_row(logits)
+        .argmax(0)
         .into_data()
         .iter::<i64>()
         .next()
