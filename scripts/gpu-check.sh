@@ -19,6 +19,9 @@
 #   3. hici bench --synthetic 7b  - 4K and 16K prompts, modes full and hici: prefill and
 #                                   decode tok/s, time to first token, peak GPU memory; bf16
 #                                   first (what a server runs), then f32
+#   4. the same model with its linear weights quantized on the host (--quantize q8_0, q4_0)
+#      and kept packed on the device: weight memory (device_bytes_after_load) and speed at a
+#      4K prompt in mode hici
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 BIN=${HICI_BIN:-$here/hici}
@@ -52,5 +55,10 @@ run bench_bf16 "$BIN" bench --synthetic "$SYNTH" --device "$DEV" --dtype bf16 --
   --gen-len 32 --modes full,hici --warmup 1 --iters 2 --json
 run bench_f32 "$BIN" bench --synthetic "$SYNTH" --device "$DEV" --prompt-len "$LENS" --gen-len 32 \
   --modes full,hici --warmup 1 --iters 2 --json
+QLEN=${HICI_BENCH_QLEN:-4096}
+for q in q8_0 q4_0; do
+  run "bench_bf16_$q" "$BIN" bench --synthetic "$SYNTH" --device "$DEV" --dtype bf16 --quantize "$q" \
+    --prompt-len "$QLEN" --gen-len 16 --modes hici --warmup 1 --iters 1 --json
+done
 echo "results in $RESULTS" >&2
 exit $rc

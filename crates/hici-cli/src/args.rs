@@ -85,8 +85,9 @@ pub enum AttentionArg {
 /// `--weights`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum WeightsArg {
-    /// Keep the linear weights of a quantized file (GGUF Q8_0, Q4_0, Q4_1, K-quants) in 8-bit
-    /// blocks of 32: about a quarter of the f32 memory.
+    /// Keep the linear weights of a quantized file (GGUF Q8_0, Q4_0, Q4_1, K-quants) in blocks
+    /// of 32: 8-bit values on the CPU (about a quarter of the f32 memory); on wgpu/CUDA 4-bit
+    /// formats packed 8 values per word (about a sixth), the rest 8-bit.
     Native,
     /// Expand every tensor to f32 on load (the reference for the quantized path).
     F32,

@@ -17,13 +17,18 @@
 
 use crate::args::{DecodeCacheArg, ModeArg, ModelArgs};
 use crate::backend::DeviceChoice;
+use crate::cmd::import::QuantizeArg;
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
 use burn::prelude::*;
 use clap::{Args, ValueEnum};
 use hici_engine::CancelToken;
+use hici_io::converted::quantizable;
+use hici_io::gguf::quants::{block_quant, quantizer, GgmlType};
 use hici_model::hici::{segment_count, SegmentRule};
+use hici_model::layout::model_tensors;
 use hici_model::synthetic::{SyntheticWeights, XorShift};
+use hici_model::weights::{BlockQuant, HostTensor, QuantProduct, WeightSource};
 use hici_model::{
     resolve_rope_factor, to_vec_f32, AttentionMode, HiciConfig, HiciLlama, LlamaConfig, Logits,
     LoraMode, ModelConfig,
@@ -75,6 +80,11 @@ pub struct BenchArgs {
     /// e.g. `--concurrency 1,4,8,16`: aggregate and per-stream decode tok/s, time to first token.
     #[arg(long, value_delimiter = ',')]
     pub concurrency: Vec<usize>,
+    /// With --synthetic: quantize the linear weights whose rows are whole blocks (as `hici
+    /// import --quantize` does, llama.cpp's reference quantizers) and keep them quantized, to
+    /// measure a quantized model's memory and speed at any shape.
+    #[arg(long, value_enum, value_name = "FORMAT", requires = "synthetic")]
+    pub quantize: Option<QuantizeArg>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -170,16 +180,30 @@ pub fn synthetic_config(spec: &str, m: &ModelArgs) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
-/// Builds a random-weight model for `cfg` through the normal weight loader.
+/// Builds a random-weight model for `cfg` through the normal weight loader; with `quantize`,
+/// its quantizable linear weights are quantized to that block format on the host and kept so
+/// (multiplied as `product` says).
 pub fn synthetic_model<B: Backend>(
     cfg: &ModelConfig,
     seed: u64,
+    quantize: Option<(GgmlType, QuantProduct)>,
     device: &B::Device,
 ) -> Result<HiciLlama<B>> {
-    let mut src = SyntheticWeights::new(cfg, seed);
-    let model = HiciLlama::<B>::from_weights(cfg, None, LoraMode::Merged, &mut src, device)
-        .context("building the synthetic model")?;
-    let left = src.remaining();
+    let mut src = QuantizingSource {
+        inner: SyntheticWeights::new(cfg, seed),
+        shapes: model_tensors(cfg, None)
+            .into_iter()
+            .map(|t| (t.name, t.shape))
+            .collect(),
+        quantize,
+        errors: Vec::new(),
+    };
+    let built = HiciLlama::<B>::from_weights(cfg, None, LoraMode::Merged, &mut src, device);
+    if let (Some((ty, _)), Some(e)) = (quantize, src.errors.first()) {
+        bail!("quantizing the synthetic weights to {}: {e}", ty.name());
+    }
+    let model = built.context("building the synthetic model")?;
+    let left = src.inner.remaining();
     if !left.is_empty() {
         bail!(
             "synthetic weights not used by the model (name drift?): {}",
@@ -187,6 +211,47 @@ pub fn synthetic_model<B: Backend>(
         );
     }
     Ok(model)
+}
+
+/// Synthetic weights that, with `quantize`, hand out the linear weights in that block format
+/// when the model asks for them quantized and their rows are whole blocks ([`quantizable`],
+/// the rule of `hici import --quantize`); everything else as generated.
+struct QuantizingSource {
+    inner: SyntheticWeights,
+    /// Every tensor's logical shape.
+    shapes: std::collections::BTreeMap<String, Vec<usize>>,
+    quantize: Option<(GgmlType, QuantProduct)>,
+    /// Quantization failures (the tensor is then missing and the build fails too).
+    errors: Vec<String>,
+}
+
+impl WeightSource for QuantizingSource {
+    fn take(&mut self, name: &str) -> Option<HostTensor> {
+        self.inner.take(name)
+    }
+
+    fn take_quantized(&mut self, name: &str) -> Option<BlockQuant> {
+        let (ty, _) = self.quantize?;
+        let shape = self.shapes.get(name)?;
+        if !quantizable(name, shape, ty) {
+            return None;
+        }
+        let quantize = quantizer(ty)?;
+        let t = self.inner.take(name)?;
+        let bytes = quantize(&t.data);
+        drop(t);
+        match block_quant(ty, &bytes, shape[0], shape[1]) {
+            Ok(q) => Some(q),
+            Err(e) => {
+                self.errors.push(format!("{name}: {e:?}"));
+                None
+            }
+        }
+    }
+
+    fn quant_product(&self) -> QuantProduct {
+        self.quantize.map_or(QuantProduct::Backend, |(_, p)| p)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -420,14 +485,38 @@ fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-/// Device memory in use (bytes) where the backend can tell, else the reason why not.
-fn device_memory(choice: DeviceChoice) -> std::result::Result<u64, String> {
+/// Device memory in use (bytes) where the backend can tell, else the reason why not, with
+/// what the number means. `loaded`: the model is on the device (wgpu's runtime is set up by
+/// the load, with the API it names, so it is not asked before).
+fn device_memory(
+    choice: DeviceChoice,
+    loaded: bool,
+) -> std::result::Result<(u64, &'static str), String> {
     match choice {
         DeviceChoice::Ndarray => {
             Err("the ndarray backend runs on the host: see peak_rss_bytes".into())
         }
-        DeviceChoice::Wgpu(_) => {
-            Err("the wgpu backend does not report device memory to this tool".into())
+        #[allow(unused_variables)]
+        DeviceChoice::Wgpu(sel) => {
+            #[cfg(feature = "wgpu")]
+            {
+                use cubecl::Runtime;
+                if !loaded {
+                    return Err("asked after the load only".into());
+                }
+                let device = hici_engine::device::resolve_wgpu(sel).map_err(|e| e.to_string())?;
+                let usage = burn::backend::wgpu::WgpuRuntime::client(&device)
+                    .memory_usage()
+                    .map_err(|e| format!("wgpu memory usage: {e:?}"))?;
+                Ok((
+                    usage.bytes_reserved,
+                    "bytes reserved by burn's wgpu memory pools after the row (the model's \
+                     tensors and the pools' free pages; the pools keep their high-water mark, \
+                     so this approximates the peak; the driver's own memory is not included)",
+                ))
+            }
+            #[cfg(not(feature = "wgpu"))]
+            Err("wgpu is not compiled in".into())
         }
         #[allow(unused_variables)]
         DeviceChoice::Cuda(i) => {
@@ -438,7 +527,12 @@ fn device_memory(choice: DeviceChoice) -> std::result::Result<u64, String> {
                 let (free, total) = ctx
                     .mem_get_info()
                     .map_err(|e| format!("cuMemGetInfo: {e:?}"))?;
-                Ok((total - free) as u64)
+                Ok((
+                    (total - free) as u64,
+                    "device-wide used memory (total - free) after the row; burn's memory pools \
+                     keep their high-water mark, so this approximates the peak (other processes \
+                     included)",
+                ))
             }
             #[cfg(not(feature = "cuda"))]
             Err("CUDA is not compiled in".into())
@@ -590,21 +684,25 @@ pub fn run<B: Backend>(
     }
 
     let dtype_name = m.dtype.name();
-    let device_before = device_memory(m.device).ok();
+    let device_before = device_memory(m.device, false).ok().map(|(b, _)| b);
     let t_load = Instant::now();
     let (model, source, max_context) = match &a.synthetic {
         Some(spec) => {
             let cfg = synthetic_config(spec, m)?;
             eprintln!("bench: generating synthetic model `{spec}` (random weights)");
+            let quantize = a.quantize.map(|q| (q.ggml(), m.spec().quant_product()));
             // the same precision and attention kernel steps as `crate::load::load`
             let model = crate::load::prepare(
-                synthetic_model::<B>(&cfg, a.seed, dev)?,
+                synthetic_model::<B>(&cfg, a.seed, quantize, dev)?,
                 &m.spec(),
                 m.attention_kernel(),
             )?;
-            let l = &cfg.llama;
-            let ctx = (l.max_position_embeddings as f64 * cfg.rope_factor).round() as usize;
-            (model, format!("synthetic:{spec}"), ctx)
+            let ctx = cfg.context();
+            let source = match a.quantize {
+                Some(q) => format!("synthetic:{spec}:{}", q.ggml().name()),
+                None => format!("synthetic:{spec}"),
+            };
+            (model, source, ctx)
         }
         None => {
             let loaded = crate::load::load::<B>(&m.spec(), dev)?;
@@ -654,6 +752,7 @@ pub fn run<B: Backend>(
     }
     let params = model.num_params();
     let rss_after_load = current_rss();
+    let device_after_load = device_memory(m.device, true).ok().map(|(b, _)| b);
     eprintln!(
         "bench: {source}: {:.1} M parameters, loaded in {load_s:.1} s; device {}, {dtype_name}, \
          attention {:?}",
@@ -735,14 +834,8 @@ pub fn run<B: Backend>(
             } else {
                 Some("this mode has no decode (segmented prefill only)")
             };
-            let (dev_bytes, dev_note) = match device_memory(m.device) {
-                Ok(b) => (
-                    Some(b),
-                    "device-wide used memory (total - free) after the row; burn's memory pools \
-                     keep their high-water mark, so this approximates the peak (other processes \
-                     included)"
-                        .to_string(),
-                ),
+            let (dev_bytes, dev_note) = match device_memory(m.device, true) {
+                Ok((b, note)) => (Some(b), note.to_string()),
                 Err(e) => (None, e),
             };
             rows.push(json!({
@@ -861,6 +954,8 @@ pub fn run<B: Backend>(
                 "load_s": load_s,
                 "rss_after_load_bytes": rss_after_load,
                 "device_bytes_before_load": device_before,
+                "device_bytes_after_load": device_after_load,
+                "quantize": a.quantize.map(|q| q.ggml().name()),
             },
             "settings": {
                 "prompt_lens": a.prompt_len,

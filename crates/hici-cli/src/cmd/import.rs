@@ -47,7 +47,8 @@ pub enum QuantizeArg {
 }
 
 impl QuantizeArg {
-    fn ggml(self) -> GgmlType {
+    /// The ggml block type.
+    pub fn ggml(self) -> GgmlType {
         match self {
             QuantizeArg::Q8_0 => GgmlType::Q8_0,
             QuantizeArg::Q4_0 => GgmlType::Q4_0,
