@@ -164,3 +164,64 @@ fn bench_concurrency_rows() {
     assert_eq!(rows[1]["concurrency"], 3);
     assert_eq!(v["settings"]["concurrency"], serde_json::json!([1, 3]));
 }
+
+/// `--quantize` keeps a synthetic model's linear weights quantized: the same model holds far
+/// less memory after load than in f32, and the JSON says what ran.
+#[test]
+fn bench_synthetic_quantized_holds_less() {
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/configs/cpu-512x8.json");
+    let run = |quantize: Option<&str>| {
+        let mut args = vec![
+            "bench",
+            "--synthetic",
+            config,
+            "--prompt-len",
+            "16",
+            "--gen-len",
+            "2",
+            "--modes",
+            "hici",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--json",
+        ];
+        if let Some(q) = quantize {
+            args.extend(["--quantize", q]);
+        }
+        let out = hici(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "hici bench {quantize:?} failed: {err}"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        stat_ok(
+            &v["results"][0]["decode"]["tokens_per_s"],
+            "decode.tokens_per_s",
+        );
+        v
+    };
+    let f32_run = run(None);
+    assert!(f32_run["model"]["quantize"].is_null());
+    let f32_rss = f32_run["model"]["rss_after_load_bytes"].as_u64().unwrap();
+    // 61 M parameters: 245 MB in f32; Q8_0 values are held as i8 + an f32 scale per 32
+    for q in ["q8_0", "q4_0"] {
+        let v = run(Some(q));
+        let name = q.to_uppercase();
+        assert_eq!(v["model"]["quantize"], name.as_str());
+        assert!(v["model"]["source"].as_str().unwrap().ends_with(&name));
+        let rss = v["model"]["rss_after_load_bytes"].as_u64().unwrap();
+        assert!(
+            (rss as f64) < 0.5 * f32_rss as f64,
+            "{q}: RSS after load {rss} vs f32 {f32_rss}"
+        );
+    }
+    // --quantize only means something for random weights
+    let out = hici(&["bench", "--quantize", "q8_0", "--prompt-len", "8"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--synthetic"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -378,6 +378,7 @@ fn mixed_model(ck: Checkpoint) -> HiciLlama<B> {
     let mut w = MixedWeights {
         dense: ck.weights,
         quantized: ck.quantized,
+        ..Default::default()
     };
     let m = HiciLlama::<B>::from_weights(
         &ck.config,

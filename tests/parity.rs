@@ -404,3 +404,42 @@ fn batched_decode_equals_batch_one() {
     assert!(model.decode_batch(&[1, 2], &mut [&mut c]).is_err());
     assert!(model.decode_batch(&[100_000], &mut [&mut c]).is_err());
 }
+
+/// The RoPE table kept on the device gives the values the host builds per call (bit for bit),
+/// for single positions, spans, and positions past the table (built on the host then).
+#[test]
+fn rope_table_rows_equal_host_tables() {
+    let model = load_model(LoraMode::Merged);
+    let device = Default::default();
+    let n = model.rope_cos.dims()[0];
+    assert_eq!(n, model.config().context().min(1 << 15));
+    for (start, len) in [(0, 1), (5, 3), (n - 2, 2), (n - 1, 3), (n + 7, 4)] {
+        let got = model.rope_tables(start, len, &device);
+        let want = model.rope.tables_for::<B>(start, len, &device);
+        assert_eq!(got.start, start);
+        assert_eq!(
+            to_vec_f32(got.cos),
+            to_vec_f32(want.cos),
+            "cos {start}+{len}"
+        );
+        assert_eq!(
+            to_vec_f32(got.sin),
+            to_vec_f32(want.sin),
+            "sin {start}+{len}"
+        );
+    }
+    for positions in [vec![3, 0, 9], vec![2, n + 1]] {
+        let (cos, sin) = model.rope_rows(&positions, &device);
+        for (i, &p) in positions.iter().enumerate() {
+            let want = model.rope.tables_for::<B>(p, 1, &device);
+            assert_eq!(
+                to_vec_f32(cos.clone().narrow(0, i, 1)),
+                to_vec_f32(want.cos)
+            );
+            assert_eq!(
+                to_vec_f32(sin.clone().narrow(0, i, 1)),
+                to_vec_f32(want.sin)
+            );
+        }
+    }
+}

@@ -547,7 +547,8 @@ fn serve_smollm2_with_the_openai_client() {
     eprintln!("disconnect: next request answered {waited:.2} s after the client left");
 
     // a full queue: one running (batches of one), one waiting, the third is refused with
-    // Retry-After
+    // Retry-After. The running one is a long stream, seen running (its first chunks read)
+    // before the others are sent, so the check does not depend on decoding speed.
     drop(srv);
     let srv = Server::start(
         &["--model", &model],
@@ -555,17 +556,22 @@ fn serve_smollm2_with_the_openai_client() {
     );
     srv.wait_ready();
     let addr = srv.addr;
-    let long = chat_body(model_id, "Tell me about the sea.", 40, false).to_string();
-    let bg: Vec<_> = (0..2)
-        .map(|i| {
-            let b = long.clone();
-            std::thread::sleep(Duration::from_millis(300 * (i + 1)));
-            std::thread::spawn(move || {
-                try_request(addr, "POST", "/v1/chat/completions", Some(b), &[]).unwrap()
-            })
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    let mut running = TcpStream::connect(addr).unwrap();
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    running.write_all(req.as_bytes()).unwrap();
+    let mut got = 0;
+    while got < 600 {
+        got += running.read(&mut buf).unwrap();
+    }
+    let short = chat_body(model_id, "Tell me about the sea.", 4, false).to_string();
+    let waiting = std::thread::spawn(move || {
+        try_request(addr, "POST", "/v1/chat/completions", Some(short), &[]).unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(500));
     let r = srv.post("/v1/chat/completions", &chat_body(model_id, "Hi", 4, false));
     assert_eq!(r.error(429)["code"], "queue_full");
     assert!(
@@ -573,9 +579,9 @@ fn serve_smollm2_with_the_openai_client() {
         "{}",
         r.head
     );
-    for h in bg {
-        assert_eq!(h.join().unwrap().status, 200);
-    }
+    // the running stream's client leaves: its generation stops and the waiting one is served
+    drop(running);
+    assert_eq!(waiting.join().unwrap().status, 200);
     let (code, log) = srv.terminate();
     assert_eq!(code, 0, "{log}");
     assert!(!log.contains("panicked"), "{log}");

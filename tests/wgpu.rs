@@ -401,3 +401,211 @@ fn wgpu_flash_kernel_on_the_flash_form_matches_exact_attention() {
         assert!(diff < 5e-3, "q {q_len} k {k_len}: {diff}");
     }
 }
+
+/// Quantized weights on wgpu as the engine holds them there (`QuantProduct::Dequantize`:
+/// packed 8/4-bit row chunks, dequantized chunk by chunk by burn's kernel, then the float
+/// matmul): against an f64 product of the dequantized values, 4-bit cases included (packed 8
+/// per word). Tolerance 1e-5 relative to the sum of |terms|, as on ndarray (f32 products).
+#[test]
+fn wgpu_quantized_linear_matches_f64_reference() {
+    if std::env::var_os("HICI_SKIP_WGPU").is_some() {
+        return;
+    }
+    let worst = check_quantized_linear::<W>(
+        &WgpuDevice::DefaultDevice,
+        1e-5,
+        hici::model::lora::QuantProduct::Dequantize,
+        true,
+        false,
+    );
+    eprintln!("wgpu quantized linear: worst relative error {worst:.2e}");
+}
+
+/// The CLI on wgpu with quantized files kept quantized: the tiny fixture as a Q4_1 (4-bit,
+/// offsets) and a Q8_0 GGUF, and the HiCI fixture imported as Q4_0, generate the ids of the
+/// same file expanded on load (`--weights f32`); SmolLM2 (when fetched) its reference's greedy
+/// ids from the shipped Q4_1 file, in under 0.3x the device memory of its f32 expansion, and
+/// the CPU's ids from its Q8_0 re-quantization.
+#[test]
+fn cli_quantized_gguf_on_wgpu_keeps_ids() {
+    if std::env::var_os("HICI_SKIP_WGPU").is_some() {
+        return;
+    }
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("wgpu-quantized");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ids = ids_arg(&[1, 450, 496, 173, 17]);
+    let generate = |model: &str, weights: &str, prompt: &str, n: &str| {
+        generated(&json_of(&hici(&[
+            "generate",
+            "--device",
+            "wgpu",
+            "--model",
+            model,
+            "--weights",
+            weights,
+            "--prompt-ids",
+            prompt,
+            "--max-new-tokens",
+            n,
+            "--ignore-eos",
+            "--json",
+        ])))
+    };
+    for ty in [
+        hici::io::gguf::quants::GgmlType::Q4_1,
+        hici::io::gguf::quants::GgmlType::Q8_0,
+    ] {
+        let path = dir.join(format!("tiny-{}-{}.gguf", ty.name(), std::process::id()));
+        write_fixture_gguf(&path, Some(ty));
+        let p = path.to_str().unwrap();
+        let native = generate(p, "native", &ids, "8");
+        assert_eq!(native.len(), 8);
+        assert_eq!(native, generate(p, "f32", &ids, "8"), "{}", ty.name());
+        std::fs::remove_file(&path).ok();
+    }
+    // the embedded HiCI fixture imported as Q4_0 (HiCI projections quantized too)
+    let q4 = dir.join(format!("hici-q4_0-{}.safetensors", std::process::id()));
+    let q4_s = q4.to_str().unwrap();
+    let out = hici(&["import", "--out", q4_s, "--quantize", "q4_0"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let native = generate(q4_s, "native", &ids, "8");
+    assert_eq!(native.len(), 8);
+    assert_eq!(native, generate(q4_s, "f32", &ids, "8"), "HiCI Q4_0 import");
+    std::fs::remove_file(&q4).ok();
+    let Some(m) = real_model("smollm2") else {
+        return;
+    };
+    let m = m.to_str().unwrap();
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture().join("../smollm2/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let as_ids = |v: &serde_json::Value| -> Vec<i64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect()
+    };
+    let prompt = as_ids(&r["story"]["prompt_ids"]);
+    let greedy = as_ids(&r["story"]["greedy_ids"]);
+    let got = generate(m, "native", &ids_arg(&prompt), "12");
+    assert_eq!(got, greedy[..12]);
+    // re-quantized to Q8_0 (8-bit packing on the device): the ids of the same file on the CPU
+    // (kept quantized there as well, and checked against its f32 expansion in gguf_cli.rs)
+    let q8 = dir.join(format!("smollm2-q8_0-{}.gguf", std::process::id()));
+    common::requantize_gguf(
+        std::path::Path::new(m),
+        &q8,
+        hici::io::gguf::quants::GgmlType::Q8_0,
+    );
+    let q8_s = q8.to_str().unwrap();
+    let cpu = generated(&json_of(&hici(&[
+        "generate",
+        "--device",
+        "ndarray",
+        "--model",
+        q8_s,
+        "--prompt-ids",
+        &ids_arg(&prompt),
+        "--max-new-tokens",
+        "12",
+        "--ignore-eos",
+        "--json",
+    ])));
+    assert_eq!(cpu.len(), 12);
+    assert_eq!(generate(q8_s, "native", &ids_arg(&prompt), "12"), cpu);
+    std::fs::remove_file(&q8).ok();
+    // device memory (burn's wgpu pools after a short run) kept quantized vs expanded
+    let device_bytes = |weights: &str| {
+        let v = json_of(&hici(&[
+            "bench",
+            "--device",
+            "wgpu",
+            "--model",
+            m,
+            "--weights",
+            weights,
+            "--prompt-len",
+            "8",
+            "--gen-len",
+            "2",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--json",
+        ]));
+        v["results"][0]["memory"]["device_bytes"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no device bytes: {v}"))
+    };
+    let (native, f32) = (device_bytes("native"), device_bytes("f32"));
+    eprintln!(
+        "wgpu SmolLM2 Q4_1 device memory: native {} MiB, f32 {} MiB",
+        native >> 20,
+        f32 >> 20
+    );
+    // Q4_1 packed: 4 bits + an f32 scale and offset per 32 values (0.75 B/value) vs 4 B/value
+    assert!(native * 10 < f32 * 3, "native {native} vs f32 {f32}");
+}
+
+/// The sampler's device form on wgpu (what GPU decoding runs: penalties, temperature, top-k,
+/// top-p within top-k, the Gumbel-max draw, one id read back) picks the ids of its host form
+/// from the same seed, step after step, on random logits over a SmolLM2-sized vocabulary.
+#[test]
+fn wgpu_device_sampler_picks_the_host_ids() {
+    use hici::runtime::sampler::{Sampler, SamplingConfig};
+    if std::env::var_os("HICI_SKIP_WGPU").is_some() {
+        return;
+    }
+    let dev = WgpuDevice::DefaultDevice;
+    let v = 49_152;
+    let mut rng = hici::model::synthetic::XorShift::new(3);
+    let base = SamplingConfig {
+        greedy: false,
+        temperature: 0.7,
+        seed: 9,
+        ..SamplingConfig::default()
+    };
+    for cfg in [
+        base.clone(),
+        SamplingConfig {
+            top_k: 40,
+            top_p: 0.9,
+            repeat_penalty: 1.3,
+            presence_penalty: 0.2,
+            frequency_penalty: 0.4,
+            ..base.clone()
+        },
+        SamplingConfig {
+            greedy: true,
+            repeat_penalty: 1.5,
+            ..base
+        },
+    ] {
+        let (mut host, mut device) = (Sampler::new(cfg.clone()), Sampler::new(cfg.clone()));
+        let mut history: Vec<u32> = vec![1, 500, 500, 49_000];
+        for step in 0..8 {
+            // logits in [-6, 6], a few tokens well ahead (a peaked distribution, as real ones)
+            let mut row: Vec<f32> = (0..v).map(|_| rng.next_f32() * 12.0 - 6.0).collect();
+            for j in 0..5 {
+                row[(step * 977 + j * 131) % v] += 4.0 + j as f32;
+            }
+            let want = host.sample(&row, &history, history.len() - 4);
+            let t = Tensor::<W, 1>::from_data(TensorData::new(row, [v]), &dev);
+            let got = device
+                .sample_on_device(t, &history, history.len() - 4)
+                .into_data()
+                .iter::<i64>()
+                .next()
+                .unwrap();
+            assert_eq!(got as u32, want, "{cfg:?}: step {step}");
+            history.push(want);
+        }
+    }
+}

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use hici::io::{load_checkpoint, LoadOptions};
-use hici::model::lora::QuantWeight;
+use hici::model::lora::{QuantProduct, QuantWeight};
 use hici::model::synthetic::XorShift;
 use hici::model::weights::BlockQuant;
 use hici::model::{to_vec_f32, HiciLlama, LoraMode};
@@ -292,10 +292,23 @@ pub fn batched_vs_single<Bk: burn::tensor::backend::Backend>(
 /// A random `[rows, cols]` weight in 8-bit blocks (values in [-127, 127], scales ~1e-2,
 /// offsets when asked).
 pub fn random_blocks(rows: usize, cols: usize, offsets: bool, seed: u64) -> BlockQuant {
+    random_blocks_in(rows, cols, offsets, seed, -127, 127)
+}
+
+/// [`random_blocks`] with values in `[lo, hi]`.
+pub fn random_blocks_in(
+    rows: usize,
+    cols: usize,
+    offsets: bool,
+    seed: u64,
+    lo: i32,
+    hi: i32,
+) -> BlockQuant {
     let mut rng = XorShift::new(seed);
     let n = rows * cols;
+    let span = (hi - lo + 1) as u64;
     let values = (0..n)
-        .map(|_| (rng.next_u64() % 255) as i32 - 127)
+        .map(|_| (rng.next_u64() % span) as i32 + lo)
         .map(|v| v as i8)
         .collect();
     let mut real = |lo: f32, span: f32| lo + span * rng.next_f32();
@@ -310,15 +323,21 @@ pub fn random_blocks(rows: usize, cols: usize, offsets: bool, seed: u64) -> Bloc
     }
 }
 
-/// burn's quantized weights (`QuantWeight`) against an f64 product with their dequantized
-/// values: few rows (decode), many rows (prefill), with and without per-block offsets, a 3-D
-/// input, and (`transposed_dequantize`) a transposed view dequantized back (the scales follow
-/// the storage order; fixed in vendor/burn-ndarray, wrong on CubeCL 0.21, and the model never
-/// does it). Tolerance: `tol` relative to the sum of |terms| (f32 rounding over k <= 576 terms
-/// is ~1e-6; half-precision tiles on a GPU need more). Returns the worst relative error.
+/// burn's quantized weights (`QuantWeight`, multiplied as `product`) against an f64 product
+/// with their dequantized values: few rows (decode), many rows (prefill), with and without
+/// per-block offsets, a 3-D input. `four_bit` draws the values of every other case from 16
+/// levels (`[-8, 7]`, and `[0, 15]` re-centred into the offsets), which `Dequantize` packs 8
+/// per word; its weights are cut into row chunks of 7 rows' values (uneven last chunk).
+/// `transposed_dequantize` also dequantizes a transposed view (`Backend` only: the scales
+/// follow the storage order; fixed in vendor/burn-ndarray, wrong on CubeCL 0.21, and the
+/// model never does it). Tolerance: `tol` relative to the sum of |terms| (f32 rounding over
+/// k <= 576 terms is ~1e-6; half-precision tiles on a GPU need more). Returns the worst
+/// relative error.
 pub fn check_quantized_linear<Bk: burn::tensor::backend::Backend>(
     dev: &Bk::Device,
     tol: f64,
+    product: QuantProduct,
+    four_bit: bool,
     transposed_dequantize: bool,
 ) -> f64 {
     use burn::tensor::{Tensor, TensorData};
@@ -334,11 +353,19 @@ pub fn check_quantized_linear<Bk: burn::tensor::backend::Backend>(
     .iter()
     .enumerate()
     {
-        let q = random_blocks(n, k, off, 7 + i as u64);
+        let (lo, hi) = match (four_bit, i % 4) {
+            (true, 0) => (-8, 7),
+            (true, 2) => (0, 15),
+            _ => (-127, 127),
+        };
+        let q = random_blocks_in(n, k, off, 7 + i as u64, lo, hi);
         let dense = q.dequantize().data; // [n, k]
         let mut rng = XorShift::new(100 + i as u64);
         let x: Vec<f32> = (0..m * k).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
-        let w = QuantWeight::<Bk>::from_blocks(&q, dev);
+        let w = QuantWeight::<Bk>::from_blocks_chunked(&q, product, 7 * k, dev);
+        if product == QuantProduct::Dequantize {
+            assert_eq!(w.values.len(), n.div_ceil(7), "row chunks");
+        }
         let xt = Tensor::<Bk, 2>::from_data(TensorData::new(x.clone(), [m, k]), dev);
         let got2 = to_vec_f32(w.forward(xt.clone()));
         let got3 = to_vec_f32(w.forward(xt.reshape([1, m, k])));
@@ -355,7 +382,8 @@ pub fn check_quantized_linear<Bk: burn::tensor::backend::Backend>(
                 worst = worst.max(err);
                 assert!(
                     err <= tol,
-                    "m={m} k={k} n={n} offsets={off} ({r}, {j}): {} vs {s}",
+                    "{product:?} m={m} k={k} n={n} values [{lo}, {hi}] offsets={off} ({r}, {j}): \
+                     {} vs {s}",
                     got2[r * n + j]
                 );
             }
@@ -364,7 +392,7 @@ pub fn check_quantized_linear<Bk: burn::tensor::backend::Backend>(
             continue;
         }
         // the weight's transposed view, dequantized: dense^T (without the offsets)
-        let back = to_vec_f32(w.values.val().transpose().dequantize());
+        let back = to_vec_f32(w.values[0].val().transpose().dequantize());
         let plain = BlockQuant {
             offsets: None,
             ..q.clone()
@@ -396,4 +424,77 @@ pub fn write_fixture_gguf(
         assert!(w.quantize_matrices(ty) >= 7, "the matrices are quantized");
     }
     std::fs::write(path, w.to_bytes()).unwrap();
+}
+
+/// `src` re-encoded the way `llama-quantize --allow-requantize SRC DST <ty>` does it: every
+/// tensor dequantized to f32, then every matrix whose rows are whole blocks of 32 quantized to
+/// `ty` with llama.cpp's reference quantizer; vectors (norms) stay f32. The metadata (tokenizer,
+/// chat template, hyper-parameters) is copied, `general.file_type` set to `ty`'s.
+pub fn requantize_gguf(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    ty: hici::io::gguf::quants::GgmlType,
+) {
+    use hici::io::gguf::quants::GgmlType;
+    use hici::io::gguf::{writer::GgufWriter, GgufValue};
+    let f = hici::io::GgufFile::open(src).expect("gguf header");
+    // llama.cpp's llama_ftype
+    let file_type = match ty {
+        GgmlType::Q8_0 => 7,
+        GgmlType::Q4_0 => 2,
+        GgmlType::Q4_1 => 3,
+        other => panic!("no file type for {}", other.name()),
+    };
+    let mut w = GgufWriter::new(f.version, f.alignment);
+    for (k, v) in &f.metadata {
+        match k.as_str() {
+            "general.alignment" => {}
+            "general.file_type" => {
+                w.meta(k, GgufValue::U32(file_type));
+            }
+            _ => {
+                w.meta(k, v.clone());
+            }
+        }
+    }
+    for t in &f.tensors {
+        let values = f.read_f32(t).expect("tensor data");
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        w.tensor(&t.name, &t.dims, GgmlType::F32, bytes);
+    }
+    assert!(w.quantize_matrices(ty) > 0, "no matrix to quantize");
+    let tmp = dst.with_extension("partial");
+    std::fs::write(&tmp, w.to_bytes()).expect("write the requantized file");
+    std::fs::rename(&tmp, dst).expect("rename the requantized file");
+}
+
+/// Peak resident memory (bytes) of `hici args`, measured by GNU time (`/usr/bin/time -f %M`),
+/// with its output; `None` when GNU time is not installed.
+pub fn hici_peak_rss(args: &[&str]) -> Option<(u64, Output)> {
+    let time = std::path::Path::new("/usr/bin/time");
+    if !time.is_file() {
+        return None;
+    }
+    let report = std::env::temp_dir().join(format!(
+        "hici-rss-{}-{:?}.txt",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let out = Command::new(time)
+        .arg("-f")
+        .arg("%M")
+        .arg("-o")
+        .arg(&report)
+        .arg(env!("CARGO_BIN_EXE_hici"))
+        .args(args)
+        .output()
+        .expect("run hici under /usr/bin/time");
+    let kib: u64 = std::fs::read_to_string(&report)
+        .expect("GNU time's report")
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("a KiB count");
+    std::fs::remove_file(&report).ok();
+    Some((kib * 1024, out))
 }

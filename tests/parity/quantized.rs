@@ -11,6 +11,7 @@
 use super::common::{self, B};
 use hici::io::gguf::quants::GgmlType;
 use hici::io::{load_gguf, LoadOptions};
+use hici::model::lora::QuantProduct;
 use hici::model::weights::MixedWeights;
 use hici::model::{to_vec_f32, AttentionMode, DecodeCache, HiciLlama, Logits, LoraMode};
 use hici::runtime::sampler::argmax;
@@ -18,8 +19,13 @@ use std::path::{Path, PathBuf};
 
 #[test]
 fn quantized_linear_matches_f64_reference() {
-    let worst = common::check_quantized_linear::<B>(&Default::default(), 1e-5, true);
+    let dev = Default::default();
+    let worst = common::check_quantized_linear::<B>(&dev, 1e-5, QuantProduct::Backend, false, true);
     eprintln!("quantized linear: worst relative error {worst:.2e}");
+    // the product of the GPU backends, here with 8-bit values only (ndarray reads no Q4S)
+    let worst =
+        common::check_quantized_linear::<B>(&dev, 1e-5, QuantProduct::Dequantize, false, false);
+    eprintln!("dequantized row chunks: worst relative error {worst:.2e}");
 }
 
 /// The fixture's base weights as a GGUF file with its matrices in `ty`.
@@ -42,6 +48,7 @@ pub fn gguf_model(path: &Path, keep_quantized: bool) -> HiciLlama<B> {
     let mut w = MixedWeights {
         dense: ck.weights,
         quantized: ck.quantized,
+        product: QuantProduct::Backend,
     };
     let m = HiciLlama::<B>::from_weights(
         &ck.config,
