@@ -5,7 +5,8 @@
 //! every call. For a decode step (one row per sequence) that copy is as large as the product
 //! itself, so the weight is read twice and written once per token. Here each weight row is
 //! streamed once, straight from its storage: the work is split into a grid of output-column
-//! blocks and weight-row ranges (one task each), and every task walks its weight rows four at a
+//! blocks and weight-row ranges (one task each), and every task walks its weight rows eight (one
+//! left row) or four at a
 //! time, adding `x[r, i] * w[i, ..]` into its `m x width` partial output, which stays in cache.
 
 use core::any::TypeId;
@@ -170,6 +171,8 @@ fn dot_block(x: &[f32], m: usize, k: usize, w: Weights, j0: usize, jn: usize, ac
     dot_block_generic(x, m, k, w, j0, jn, acc);
 }
 
+/// [`dot_block_generic`] with AVX2/FMA intrinsics: each `w` row is loaded once per eight
+/// values and used for every left row; two accumulators per dot product.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_block_avx2(
@@ -181,7 +184,38 @@ unsafe fn dot_block_avx2(
     jn: usize,
     acc: &mut [f32],
 ) {
-    dot_block_generic(x, m, k, w, j0, jn, acc)
+    use core::arch::x86_64::*;
+    let vec_end = k - k % 16;
+    for j in 0..jn {
+        // SAFETY: j0 + j < n rows of k floats; x holds m rows of k floats.
+        unsafe {
+            let row = w.row(j0 + j, 0, k);
+            let rp = row.as_ptr();
+            for r in 0..m {
+                let xp = x.as_ptr().add(r * k);
+                let (mut a, mut b) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut c = 0;
+                while c < vec_end {
+                    a = _mm256_fmadd_ps(_mm256_loadu_ps(rp.add(c)), _mm256_loadu_ps(xp.add(c)), a);
+                    b = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(rp.add(c + 8)),
+                        _mm256_loadu_ps(xp.add(c + 8)),
+                        b,
+                    );
+                    c += 16;
+                }
+                let v = _mm256_add_ps(a, b);
+                let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                let h = _mm_add_ss(h, _mm_shuffle_ps::<0b01>(h, h));
+                let mut sum = _mm_cvtss_f32(h);
+                for c in vec_end..k {
+                    sum += *rp.add(c) * *xp.add(c);
+                }
+                acc[r * jn + j] = sum;
+            }
+        }
+    }
 }
 
 /// Dot products with eight partial sums (so the loop vectorises), then the tail.
@@ -266,7 +300,7 @@ fn products(x: &[f32], m: usize, w: Weights, n: usize, y: &mut [f32]) {
         .div_ceil(col_blocks)
         .min(w.k.div_ceil(MIN_ROWS))
         .max(1);
-    let rows = w.k.div_ceil(row_splits);
+    let rows = w.k.div_ceil(row_splits).next_multiple_of(8);
     let row_splits = w.k.div_ceil(rows);
     let tasks = col_blocks * row_splits;
     let run = move |t: usize| -> Vec<f32> {
@@ -343,6 +377,10 @@ fn block(
     block_generic(x, m, w, r0, rn, c0, wb, acc);
 }
 
+/// [`block_generic`] with AVX2/FMA intrinsics: eight weight rows per pass for one left row
+/// (the partial output is loaded and stored once per eight rows, every weight value feeds one
+/// FMA), four rows per pass for more left rows (the four weight vectors are loaded once and
+/// used for every left row). Same sums as [`block_generic`] up to rounding (FMA, order).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -356,7 +394,81 @@ unsafe fn block_avx2(
     wb: usize,
     acc: &mut [f32],
 ) {
-    block_generic(x, m, w, r0, rn, c0, wb, acc)
+    use core::arch::x86_64::*;
+    let k = w.k;
+    let end = r0 + rn;
+    let vec_end = wb - wb % 8;
+    let mut i = r0;
+    if m == 1 {
+        let ap = acc.as_mut_ptr();
+        while i + 8 <= end {
+            // SAFETY: rows i .. i + 8 < k; columns c0 .. c0 + wb <= n; acc holds wb values.
+            unsafe {
+                let wp: [*const f32; 8] =
+                    core::array::from_fn(|q| w.ptr.add((i + q) * w.row_stride + c0));
+                let xs: [__m256; 8] = core::array::from_fn(|q| _mm256_set1_ps(x[i + q]));
+                let mut j = 0;
+                while j < vec_end {
+                    let mut v = _mm256_loadu_ps(ap.add(j));
+                    let mut u = _mm256_mul_ps(xs[4], _mm256_loadu_ps(wp[4].add(j)));
+                    v = _mm256_fmadd_ps(xs[0], _mm256_loadu_ps(wp[0].add(j)), v);
+                    u = _mm256_fmadd_ps(xs[5], _mm256_loadu_ps(wp[5].add(j)), u);
+                    v = _mm256_fmadd_ps(xs[1], _mm256_loadu_ps(wp[1].add(j)), v);
+                    u = _mm256_fmadd_ps(xs[6], _mm256_loadu_ps(wp[6].add(j)), u);
+                    v = _mm256_fmadd_ps(xs[2], _mm256_loadu_ps(wp[2].add(j)), v);
+                    u = _mm256_fmadd_ps(xs[7], _mm256_loadu_ps(wp[7].add(j)), u);
+                    v = _mm256_fmadd_ps(xs[3], _mm256_loadu_ps(wp[3].add(j)), v);
+                    _mm256_storeu_ps(ap.add(j), _mm256_add_ps(v, u));
+                    j += 8;
+                }
+                for j in vec_end..wb {
+                    let mut t = 0f32;
+                    for (q, p) in wp.iter().enumerate() {
+                        t += x[i + q] * *p.add(j);
+                    }
+                    *ap.add(j) += t;
+                }
+            }
+            i += 8;
+        }
+    } else {
+        while i + 4 <= end {
+            // SAFETY: as above, for rows i .. i + 4 and acc of m * wb values.
+            unsafe {
+                let wp: [*const f32; 4] =
+                    core::array::from_fn(|q| w.ptr.add((i + q) * w.row_stride + c0));
+                let mut j = 0;
+                while j < vec_end {
+                    let wv: [__m256; 4] = core::array::from_fn(|q| _mm256_loadu_ps(wp[q].add(j)));
+                    for r in 0..m {
+                        let xr = x.as_ptr().add(r * k + i);
+                        let yp = acc.as_mut_ptr().add(r * wb + j);
+                        let mut v = _mm256_loadu_ps(yp);
+                        v = _mm256_fmadd_ps(_mm256_set1_ps(*xr), wv[0], v);
+                        v = _mm256_fmadd_ps(_mm256_set1_ps(*xr.add(1)), wv[1], v);
+                        v = _mm256_fmadd_ps(_mm256_set1_ps(*xr.add(2)), wv[2], v);
+                        v = _mm256_fmadd_ps(_mm256_set1_ps(*xr.add(3)), wv[3], v);
+                        _mm256_storeu_ps(yp, v);
+                    }
+                    j += 8;
+                }
+                for j in vec_end..wb {
+                    for r in 0..m {
+                        let mut t = 0f32;
+                        for (q, p) in wp.iter().enumerate() {
+                            t += x[r * k + i + q] * *p.add(j);
+                        }
+                        acc[r * wb + j] += t;
+                    }
+                }
+            }
+            i += 4;
+        }
+    }
+    // the last rows (fewer than a pass)
+    if i < end {
+        block_generic(x, m, w, i, end - i, c0, wb, acc);
+    }
 }
 
 /// The kernel: four weight rows at a time, each output element updated once per four rows.
