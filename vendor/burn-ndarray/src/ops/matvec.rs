@@ -6,8 +6,8 @@
 //! itself, so the weight is read twice and written once per token. Here each weight row is
 //! streamed once, straight from its storage: the work is split into a grid of output-column
 //! blocks and weight-row ranges (one task each), and every task walks its weight rows eight (one
-//! left row) or four at a
-//! time, adding `x[r, i] * w[i, ..]` into its `m x width` partial output, which stays in cache.
+//! left row) or four at a time, adding `x[r, i] * w[i, ..]` into its `m x width` partial
+//! output, which stays in cache.
 
 use core::any::TypeId;
 
