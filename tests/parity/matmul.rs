@@ -64,6 +64,21 @@ fn few_row_products_match_f64_reference() {
     }
 }
 
+/// Single large products, which the vendored matmul cuts into output tiles over the rayon pool
+/// (when it has at least two threads, as on every CI machine): column tiles when `n >= m`,
+/// row tiles otherwise, with widths that are not multiples of the tile rounding.
+#[test]
+fn large_single_products_split_over_threads_match_f64_reference() {
+    let dev = Default::default();
+    for (m, k, n) in [(300, 256, 701), (1003, 64, 40), (64, 576, 1536)] {
+        let x = Tensor::<B, 1>::from_floats(values(m * k, 11).as_slice(), &dev).reshape([m, k]);
+        let w = Tensor::<B, 1>::from_floats(values(k * n, 12).as_slice(), &dev).reshape([k, n]);
+        check(x.clone(), w.clone(), "split");
+        let wt = Tensor::<B, 1>::from_floats(values(k * n, 13).as_slice(), &dev).reshape([n, k]);
+        check(x, wt.transpose(), "split, transposed right operand");
+    }
+}
+
 #[test]
 fn few_row_products_in_rank_3_and_batched_shapes() {
     let dev = Default::default();

@@ -131,8 +131,9 @@ pub struct ModelArgs {
     /// tokenizer.json (default: the adapter's, else the base's).
     #[arg(long, value_name = "FILE", global = true)]
     pub tokenizer: Option<PathBuf>,
-    /// Device to run on.
-    #[arg(long, default_value = "ndarray", value_name = "DEVICE", global = true)]
+    /// Device to run on: `cpu` (the fastest CPU backend compiled in: ndarray, with this
+    /// project's few-row product kernels), `ndarray`, `wgpu[...]`, `cuda[:N]`.
+    #[arg(long, default_value = "cpu", value_name = "DEVICE", global = true)]
     pub device: DeviceChoice,
     /// Weight and activation precision.
     #[arg(long, value_enum, default_value = "f32", global = true)]

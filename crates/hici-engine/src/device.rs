@@ -90,7 +90,7 @@ fn parse_wgpu(rest: &str, whole: &str) -> Result<WgpuSelect, String> {
 pub fn compiled_in() -> Vec<&'static str> {
     let mut v = Vec::new();
     if cfg!(feature = "ndarray") {
-        v.push("ndarray");
+        v.push("cpu (= ndarray)");
     }
     if cfg!(feature = "wgpu") {
         v.push("wgpu[:vulkan|metal|dx12|gl][:N]");

@@ -60,6 +60,40 @@ pub(crate) fn matmul<E: NdArrayElement>(
         let mut out_array = ndarray::Array3::<E>::zeros((num_out_batches, m, n));
         let unsafe_shared_out_array = UnsafeSharedRef::new(&mut out_array);
 
+        // HiCI patch: fewer products than threads (a prefill projection: one batch entry)
+        // are split into output tiles run on the rayon pool, instead of relying on
+        // matrixmultiply's own threading (turned off in this crate: its thread pool ran
+        // beside rayon's, and left the second core mostly idle during a prefill).
+        let tiles = gemm_tiles(num_out_batches, m, k, n);
+        if let Some((row_tile, col_tile)) = tiles {
+            let (row_tiles, col_tiles) = (m.div_ceil(row_tile), n.div_ceil(col_tile));
+            for out_batch in 0..num_out_batches {
+                let out_index = strides_out.unflatten(out_batch);
+                let l_batch = strides_lhs.flatten(&out_index);
+                let r_batch = strides_rhs.flatten(&out_index);
+                iter_range_par!(0, row_tiles * col_tiles).for_each(|t| {
+                    let (r0, c0) = ((t / col_tiles) * row_tile, (t % col_tiles) * col_tile);
+                    let (r1, c1) = ((r0 + row_tile).min(m), (c0 + col_tile).min(n));
+                    let lhs_slice = lhs_array.slice(s!(l_batch, r0..r1, ..));
+                    let rhs_slice = rhs_array.slice(s!(r_batch, .., c0..c1));
+                    // SAFETY: every task writes its own tile of the output.
+                    unsafe {
+                        let mut out_slice = unsafe_shared_out_array
+                            .get()
+                            .slice_mut(s!(out_batch, r0..r1, c0..c1));
+                        ndarray::linalg::general_mat_mul(
+                            alpha,
+                            &lhs_slice,
+                            &rhs_slice,
+                            beta,
+                            &mut out_slice,
+                        )
+                    }
+                });
+            }
+            return out_array.into_shared().into_dyn();
+        }
+
         iter_range_par!(0, num_out_batches).for_each(|out_batch| {
             // Here, we:
             //   1. Un-flatten the output batch into a component-based batch index.
@@ -91,6 +125,27 @@ pub(crate) fn matmul<E: NdArrayElement>(
     });
 
     NdArrayOps::reshape(out, out_shape)
+}
+
+/// Products below this many multiply-adds are not split.
+const SPLIT_MIN_MACS: usize = 1 << 21;
+
+/// `(row tile, column tile)` of the output for splitting `batches` products `[m, k] x [k, n]`
+/// over the rayon pool, or `None` when there are at least as many products as threads (they
+/// run one per task) or too little work. The longer output axis is cut into about two tiles
+/// per thread (columns in multiples of 16, rows of 8, matrixmultiply's kernel widths), so
+/// each task packs only its part of the operand cut.
+fn gemm_tiles(batches: usize, m: usize, k: usize, n: usize) -> Option<(usize, usize)> {
+    let threads = crate::ops::matvec::threads();
+    if threads < 2 || batches >= threads || m * k * n < SPLIT_MIN_MACS {
+        return None;
+    }
+    let tiles = 2 * threads;
+    if n >= m {
+        Some((m, n.div_ceil(tiles).next_multiple_of(16)))
+    } else {
+        Some((m.div_ceil(tiles).next_multiple_of(8), n))
+    }
 }
 
 #[derive(Debug, PartialEq)]

@@ -332,13 +332,14 @@ fn products(x: &[f32], m: usize, w: Weights, n: usize, y: &mut [f32]) {
     }
 }
 
+/// Threads of the rayon pool the caller runs in (1 without `multi-threads`).
 #[cfg(feature = "multi-threads")]
-fn threads() -> usize {
+pub(crate) fn threads() -> usize {
     rayon::current_num_threads()
 }
 
 #[cfg(not(feature = "multi-threads"))]
-fn threads() -> usize {
+pub(crate) fn threads() -> usize {
     1
 }
 
