@@ -372,11 +372,10 @@ fn parity_command_passes_and_can_fail() {
 #[test]
 fn devices_lists_compiled_in_backends() {
     let v = json_of(&hici(&["devices", "--json"]));
-    assert!(v["compiled_in"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|d| d == "ndarray"));
+    let compiled = v["compiled_in"].as_array().unwrap();
+    // `cpu` (the default) and `ndarray` both select the CPU backend
+    assert!(compiled.iter().any(|d| d == "ndarray"), "{v}");
+    assert!(compiled.iter().any(|d| d == "cpu"), "{v}");
     let devices = v["devices"].as_array().unwrap();
     let of = |b: &'static str| devices.iter().filter(move |d| d["backend"] == b);
     assert_eq!(of("ndarray").count(), 1);

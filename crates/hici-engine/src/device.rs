@@ -86,11 +86,13 @@ fn parse_wgpu(rest: &str, whole: &str) -> Result<WgpuSelect, String> {
     }
 }
 
-/// The backends this binary was built with.
+/// The backends this binary was built with, as `--device` spells them. `cpu` (the default)
+/// names the fastest CPU backend compiled in, today `ndarray`.
 pub fn compiled_in() -> Vec<&'static str> {
     let mut v = Vec::new();
     if cfg!(feature = "ndarray") {
-        v.push("cpu (= ndarray)");
+        v.push("cpu");
+        v.push("ndarray");
     }
     if cfg!(feature = "wgpu") {
         v.push("wgpu[:vulkan|metal|dx12|gl][:N]");
