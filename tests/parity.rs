@@ -3,6 +3,9 @@
 //! Tolerance: 1e-4 absolute on logits (the fixture's own fp32-vs-fp64 spread is 2.3e-5).
 
 mod common;
+/// The ndarray backend's element-wise maps (split over threads for large arrays) against f64.
+#[path = "parity/elementwise.rs"]
+mod elementwise;
 /// The ndarray backend's few-row product path against an f64 reference.
 #[path = "parity/matmul.rs"]
 mod matmul;

@@ -21,6 +21,8 @@ pub(crate) mod matmul;
 #[cfg(feature = "std")]
 pub(crate) mod matvec;
 pub(crate) mod qmatvec;
+// HiCI patch: large element-wise maps over the rayon pool (see the module doc).
+pub(crate) mod par_map;
 pub(crate) mod maxpool;
 pub(crate) mod padding;
 pub(crate) mod quantization;

@@ -481,13 +481,15 @@ where
 
     fn float_exp(tensor: FloatTensor<Self>) -> FloatTensor<Self> {
         execute_with_float_dtype!(tensor, FloatElem, |array: SharedArray<FloatElem>| {
-            array.mapv_into(|a: FloatElem| a.exp_elem()).into_shared()
+            // HiCI patch: large arrays over the rayon pool
+            super::par_map::map_into(array, |a: FloatElem| a.exp_elem())
         })
     }
 
     fn float_log(tensor: FloatTensor<Self>) -> FloatTensor<Self> {
         execute_with_float_dtype!(tensor, FloatElem, |array: SharedArray<FloatElem>| {
-            array.mapv_into(|a: FloatElem| a.log_elem()).into_shared()
+            // HiCI patch: large arrays over the rayon pool
+            super::par_map::map_into(array, |a: FloatElem| a.log_elem())
         })
     }
 
@@ -520,21 +522,23 @@ where
 
     fn float_log1p(tensor: FloatTensor<Self>) -> FloatTensor<Self> {
         execute_with_float_dtype!(tensor, FloatElem, |array: SharedArray<FloatElem>| {
-            array.mapv_into(|a: FloatElem| a.log1p_elem()).into_shared()
+            // HiCI patch: large arrays over the rayon pool
+            super::par_map::map_into(array, |a: FloatElem| a.log1p_elem())
         })
     }
 
     fn float_powf_scalar_impl(tensor: FloatTensor<Self>, value: Scalar) -> FloatTensor<Self> {
         execute_with_float_dtype!(tensor, FloatElem, |array: SharedArray<FloatElem>| {
-            array
-                .mapv_into(|a: FloatElem| a.powf_elem(value.elem()))
-                .into_shared()
+            // HiCI patch: large arrays over the rayon pool
+            let value: f32 = value.elem();
+            super::par_map::map_into(array, move |a: FloatElem| a.powf_elem(value))
         })
     }
 
     fn float_sqrt(tensor: FloatTensor<Self>) -> FloatTensor<Self> {
         execute_with_float_dtype!(tensor, FloatElem, |array: SharedArray<FloatElem>| {
-            array.mapv_into(|a: FloatElem| a.sqrt_elem()).into_shared()
+            // HiCI patch: large arrays over the rayon pool
+            super::par_map::map_into(array, |a: FloatElem| a.sqrt_elem())
         })
     }
 
