@@ -2,6 +2,9 @@
 //!
 //! Tolerance: 1e-4 absolute on logits (the fixture's own fp32-vs-fp64 spread is 2.3e-5).
 
+/// burn's attention op on the ndarray backend (one-pass f32 kernel) against f64.
+#[path = "parity/attention.rs"]
+mod attention;
 mod common;
 /// The ndarray backend's element-wise maps (split over threads for large arrays) against f64.
 #[path = "parity/elementwise.rs"]

@@ -181,3 +181,81 @@ fn decode_attention_shaped_products_match_f64_reference() {
     let diff = (got - want).abs().max().into_scalar();
     assert!(diff <= 1e-5, "broadcast batch: {diff}");
 }
+
+/// Products with more than 16 left rows (prefill: projections and attention), which the
+/// vendored matmul hands to the `gemm` crate: batched with more and with fewer batch entries
+/// than threads, a broadcast batch axis, transposed, flipped (negative strides) and expanded
+/// (zero stride) operands, and empty inner dimensions.
+#[test]
+fn many_row_products_in_batched_and_strided_layouts_match_f64_reference() {
+    let dev = Default::default();
+    let (b, h, m, d, n) = (2, 3, 40, 64, 37);
+    let q = Tensor::<B, 1>::from_floats(values(b * h * m * d, 21).as_slice(), &dev)
+        .reshape([b, h, m, d]);
+    let kbuf = Tensor::<B, 1>::from_floats(values(b * h * n * d, 22).as_slice(), &dev)
+        .reshape([b, h, n, d]);
+    // scores q . k^T: six batch entries (one task each), keys as a transposed view
+    check4(
+        q.clone(),
+        kbuf.clone().swap_dims(2, 3),
+        "batched, transposed keys",
+    );
+    // one batch entry (split by gemm over the pool)
+    check4(
+        q.clone().narrow(0, 0, 1).narrow(1, 0, 1),
+        kbuf.clone().narrow(0, 0, 1).narrow(1, 0, 1).swap_dims(2, 3),
+        "one entry",
+    );
+    // flipped rows of the left operand and flipped columns of the right one
+    check4(
+        q.clone().flip([2]),
+        kbuf.clone().swap_dims(2, 3).flip([3]),
+        "flipped",
+    );
+    // a broadcast batch axis: one right operand for both batch entries
+    let one = kbuf.clone().narrow(0, 0, 1).swap_dims(2, 3);
+    let got = q.clone().matmul(one.clone());
+    assert_eq!(got.dims(), [b, h, m, n]);
+    check4(
+        q.clone(),
+        one.expand([b, h, d, n]),
+        "broadcast batch (expanded reference)",
+    );
+    for bi in 0..b {
+        for hi in 0..h {
+            let g = got
+                .clone()
+                .narrow(0, bi, 1)
+                .narrow(1, hi, 1)
+                .reshape([m, n]);
+            let want = q.clone().narrow(0, bi, 1).narrow(1, hi, 1).reshape([m, d]);
+            let w = kbuf
+                .clone()
+                .narrow(0, 0, 1)
+                .narrow(1, hi, 1)
+                .reshape([n, d]);
+            let want = host_product(&want, &w.transpose());
+            for (i, (gv, (s, a))) in g
+                .to_data()
+                .to_vec::<f32>()
+                .unwrap()
+                .iter()
+                .zip(want)
+                .enumerate()
+            {
+                assert!(
+                    (*gv as f64 - s).abs() <= 1e-4 * a.max(1.0),
+                    "broadcast batch [{bi},{hi}] #{i}: {gv} vs {s}"
+                );
+            }
+        }
+    }
+    // a zero-stride column: every output column is the same product
+    let x = Tensor::<B, 1>::from_floats(values(50 * 33, 23).as_slice(), &dev).reshape([50, 33]);
+    let col = Tensor::<B, 1>::from_floats(values(33, 24).as_slice(), &dev).reshape([33, 1]);
+    check(x.clone(), col.expand([33, 20]), "expanded column");
+    // an empty inner dimension gives zeros
+    let e = Tensor::<B, 2>::zeros([50, 0], &dev).matmul(Tensor::<B, 2>::zeros([0, 20], &dev));
+    assert_eq!(e.dims(), [50, 20]);
+    assert_eq!(e.abs().sum().into_scalar(), 0.0);
+}

@@ -18,6 +18,11 @@ pub(crate) fn matmul<E: NdArrayElement>(
     let n = shape_rhs[ndims - 1]; // # of right cols
 
     let (out_shape, strides_lhs, strides_rhs, strides_out) = output_shape(shape_lhs, shape_rhs);
+    // HiCI patch: an empty operand gives zeros (upstream divided by its zero size below).
+    if m == 0 || k == 0 || n == 0 {
+        let zeros = ndarray::ArrayD::<E>::zeros(out_shape.to_vec());
+        return zeros.into_shared();
+    }
     let l_mat_size = m * k; // size of matrix component of left array
     let r_mat_size = k * n; // size of matrix component of right array
     let out_mat_size = m * n; // size of matrix component of output array
@@ -51,6 +56,20 @@ pub(crate) fn matmul<E: NdArrayElement>(
         if let Some(out) = small {
             return NdArrayOps::reshape(out, out_shape);
         }
+    }
+
+    // HiCI patch: f32 products go to gemm (AVX-512 kernels where the CPU has them).
+    #[cfg(all(feature = "std", feature = "multi-threads"))]
+    if let Some(out) = super::gemm_f32::try_products(
+        &lhs_array.view().into_dimensionality().expect("rank 3"),
+        &rhs_array.view().into_dimensionality().expect("rank 3"),
+        num_out_batches,
+        |b| {
+            let index = strides_out.unflatten(b);
+            (strides_lhs.flatten(&index), strides_rhs.flatten(&index))
+        },
+    ) {
+        return NdArrayOps::reshape(out.into_shared().into_dyn(), out_shape);
     }
 
     let alpha: E = 1.0.elem();

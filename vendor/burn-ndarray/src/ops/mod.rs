@@ -17,6 +17,11 @@ pub(crate) mod grid_sample;
 pub(crate) mod interpolate;
 pub(crate) mod macros;
 pub(crate) mod matmul;
+// HiCI patch: f32 products on gemm and a fused attention (see vendor/README.md)
+#[cfg(all(feature = "std", feature = "multi-threads"))]
+pub(crate) mod attention_f32;
+#[cfg(all(feature = "std", feature = "multi-threads"))]
+pub(crate) mod gemm_f32;
 // HiCI patch: few-row f32 products without packing (see the module doc).
 #[cfg(feature = "std")]
 pub(crate) mod matvec;

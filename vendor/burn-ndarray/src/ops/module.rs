@@ -376,6 +376,39 @@ where
         attn_bias: Option<FloatTensor<Self>>,
         options: AttentionModuleOptions,
     ) -> FloatTensor<Self> {
+        // HiCI patch: f32 attention with enough query rows in one pass per block of rows
+        // (see `attention_f32`); everything else takes burn's fallback.
+        #[cfg(all(feature = "std", feature = "multi-threads"))]
+        {
+            use burn_backend::TensorMetadata;
+            let [q, k, v] = [&query, &key, &value].map(|t| t.shape());
+            let eligible = attn_bias.is_none()
+                && options.softcap.is_none()
+                && [&query, &key, &value].iter().all(|t| t.dtype() == burn_backend::DType::F32)
+                && q.num_dims() == 4
+                && k.num_dims() == 4
+                && v.num_dims() == 4
+                && q[2] >= super::attention_f32::MIN_QUERY_ROWS
+                && q[3] > 0
+                && k[2] > 0;
+            if eligible {
+                let scale = options.scale.unwrap_or(1.0 / (q[3] as f64).sqrt()) as f32;
+                let (NdArrayTensor::F32(q), NdArrayTensor::F32(k), NdArrayTensor::F32(v)) =
+                    (query, key, value)
+                else {
+                    unreachable!("checked f32 above")
+                };
+                let out = super::attention_f32::attention(
+                    q.into_shared(),
+                    k.into_shared(),
+                    v.into_shared(),
+                    mask.map(|m| m.bool()),
+                    scale,
+                    options.is_causal,
+                );
+                return out.into();
+            }
+        }
         attention_fallback::<Self>(query, key, value, mask, attn_bias, options)
     }
 

@@ -1,0 +1,266 @@
+//! HiCI patch: burn's `attention` op for f32 in one pass per block of query rows.
+//!
+//! burn's fallback (`attention_fallback`) writes the whole score matrix `[b, h, sq, sk]` and
+//! walks it seven more times (scale, mask, max, subtract, exp, sum, divide), each pass its own
+//! allocation and mostly on one thread. Here every task takes `ROWS` query rows of one head,
+//! scores them against `KEYS` keys at a time on `gemm` into a buffer that stays in cache,
+//! and folds each chunk into the output with an online softmax (running max and sum per
+//! row). Keys no row of the block may see (causal, or hidden by the mask at the end of every
+//! row) are neither scored nor read. The result is softmax(scale · QKᵀ, masked) · V in f32,
+//! as the fallback computes it, up to summation order; a row that sees no key gives zeros
+//! (the fallback's NaN-safe behaviour).
+
+use core::f32;
+
+use ndarray::{ArrayView4, Ix4, s};
+
+use crate::SharedArray;
+
+/// Query rows per task.
+const ROWS: usize = 64;
+/// Keys scored at once (the score buffer is `ROWS x KEYS` f32, 256 KiB).
+const KEYS: usize = 1024;
+
+/// Query rows below which the caller keeps burn's fallback (decode: a few rows per head,
+/// too few tasks to share out).
+pub(crate) const MIN_QUERY_ROWS: usize = 16;
+
+/// `softmax(scale · q kᵀ + mask) v` where `mask` (true: hidden) and, with `is_causal`, keys
+/// `j > i + sk - sq` are hidden from query row `i` (burn's convention: the diagonal anchored
+/// bottom-right).
+///
+/// `q: [b, h, sq, d]`, `k: [b', h', sk, d]`, `v: [b', h', sk, dv]`, `mask: [b', h', sq, sk]`
+/// (a primed axis may be 1: broadcast) -> `[b, h, sq, dv]`.
+pub(crate) fn attention(
+    q: SharedArray<f32>,
+    k: SharedArray<f32>,
+    v: SharedArray<f32>,
+    mask: Option<SharedArray<bool>>,
+    scale: f32,
+    is_causal: bool,
+) -> SharedArray<f32> {
+    let q = q.view().into_dimensionality::<Ix4>().expect("attention: rank-4 query");
+    let k = k.view().into_dimensionality::<Ix4>().expect("attention: rank-4 key");
+    let v = v.view().into_dimensionality::<Ix4>().expect("attention: rank-4 value");
+    let mask = mask
+        .as_ref()
+        .map(|m| m.view().into_dimensionality::<Ix4>().expect("attention: rank-4 mask"));
+    let (b, h, sq, d) = q.dim();
+    let (sk, dv) = (k.dim().2, v.dim().3);
+    let fits = |a: &[usize], what: &str| {
+        assert!(
+            (a[0] == b || a[0] == 1) && (a[1] == h || a[1] == 1),
+            "attention: {what} batch/head axes {:?} against the query's [{b}, {h}]",
+            &a[..2]
+        );
+    };
+    fits(k.shape(), "key");
+    fits(v.shape(), "value");
+    assert_eq!(k.dim().3, d, "attention: key width");
+    assert_eq!(v.dim().2, sk, "attention: value length");
+    if let Some(m) = &mask {
+        fits(m.shape(), "mask");
+        assert_eq!((m.dim().2, m.dim().3), (sq, sk), "attention: mask shape");
+    }
+    let mut out = ndarray::Array4::<f32>::zeros((b, h, sq, dv));
+    if b * h * sq * dv == 0 {
+        return out.into_shared().into_dyn();
+    }
+    let blocks = sq.div_ceil(ROWS);
+    let base = SendPtr(out.as_mut_ptr());
+    let job = Job {
+        q,
+        k,
+        v,
+        mask,
+        scale,
+        offset: is_causal.then_some(sk as i64 - sq as i64),
+    };
+    use rayon::prelude::*;
+    (0..b * h * blocks).into_par_iter().for_each_init(
+        || vec![0f32; ROWS * KEYS],
+        |scores, t| {
+            let (bi, hi, blk) = (t / (h * blocks), (t / blocks) % h, t % blocks);
+            let r0 = blk * ROWS;
+            let rows = ROWS.min(sq - r0);
+            // SAFETY: rows r0..r0 + rows of head (bi, hi) belong to this task alone.
+            let dst = unsafe { base.get().add(((bi * h + hi) * sq + r0) * dv) };
+            job.block(bi, hi, r0, rows, dst, scores);
+        },
+    );
+    out.into_shared().into_dyn()
+}
+
+/// The operands of one call.
+struct Job<'a> {
+    q: ArrayView4<'a, f32>,
+    k: ArrayView4<'a, f32>,
+    v: ArrayView4<'a, f32>,
+    mask: Option<ArrayView4<'a, bool>>,
+    scale: f32,
+    /// `Some(sk - sq)` when causal: row `i` sees keys `j <= i + offset`.
+    offset: Option<i64>,
+}
+
+/// Index on an axis that may be broadcast (length 1).
+fn at(len: usize, i: usize) -> usize {
+    if len == 1 { 0 } else { i }
+}
+
+impl Job<'_> {
+    /// Rows `r0 .. r0 + rows` of head `(bi, hi)` into `dst` (row-major `[rows, dv]`).
+    fn block(&self, bi: usize, hi: usize, r0: usize, rows: usize, dst: *mut f32, scores: &mut [f32]) {
+        let (sk, d, dv) = (self.k.dim().2, self.q.dim().3, self.v.dim().3);
+        let kk = self.k.slice(s![at(self.k.dim().0, bi), at(self.k.dim().1, hi), .., ..]);
+        let vv = self.v.slice(s![at(self.v.dim().0, bi), at(self.v.dim().1, hi), .., ..]);
+        let qq = self.q.slice(s![bi, hi, r0..r0 + rows, ..]);
+        let mask = self.mask.as_ref().map(|m| {
+            m.slice(s![at(m.dim().0, bi), at(m.dim().1, hi), r0..r0 + rows, ..])
+        });
+        let mask_rows: Vec<std::borrow::Cow<[bool]>> = match &mask {
+            Some(m) => m
+                .outer_iter()
+                .map(|row| match row.to_slice() {
+                    Some(s) => std::borrow::Cow::Borrowed(s),
+                    None => std::borrow::Cow::Owned(row.to_vec()),
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        // keys each row may see at most: 0 .. limit[r]
+        let limit: Vec<usize> = (0..rows)
+            .map(|r| {
+                let causal = match self.offset {
+                    Some(off) => ((r0 + r) as i64 + off + 1).clamp(0, sk as i64) as usize,
+                    None => sk,
+                };
+                match mask_rows.get(r) {
+                    Some(m) => m[..causal].iter().rposition(|&hidden| !hidden).map_or(0, |j| j + 1),
+                    None => causal,
+                }
+            })
+            .collect();
+        let kend = limit.iter().copied().max().unwrap_or(0);
+        let mut run_max = vec![f32::NEG_INFINITY; rows];
+        let mut run_sum = vec![0f32; rows];
+        let (q_rs, q_cs) = (qq.strides()[0], qq.strides()[1]);
+        let (k_rs, k_cs) = (kk.strides()[0], kk.strides()[1]);
+        let (v_rs, v_cs) = (vv.strides()[0], vv.strides()[1]);
+        let mut c0 = 0;
+        while c0 < kend {
+            let cw = KEYS.min(kend - c0);
+            // SAFETY: the views describe `[rows, d]` queries and `[cw, d]` keys; `scores`
+            // holds `ROWS x KEYS` values, rows `KEYS` apart.
+            unsafe {
+                gemm::gemm::<f32>(
+                    rows,
+                    cw,
+                    d,
+                    scores.as_mut_ptr(),
+                    1,
+                    KEYS as isize,
+                    false,
+                    qq.as_ptr(),
+                    q_cs,
+                    q_rs,
+                    kk.as_ptr().offset(c0 as isize * k_rs),
+                    k_rs,
+                    k_cs,
+                    0.0,
+                    self.scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for r in 0..rows {
+                let row = &mut scores[r * KEYS..r * KEYS + cw];
+                let seen = limit[r].saturating_sub(c0).min(cw);
+                if let Some(m) = mask_rows.get(r) {
+                    for (s, &hidden) in row[..seen].iter_mut().zip(&m[c0..c0 + seen]) {
+                        if hidden {
+                            *s = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                // keys past the row's limit weigh zero
+                row[seen..].fill(0.0);
+                let (row, _) = row.split_at_mut(seen);
+                let chunk_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                if chunk_max == f32::NEG_INFINITY {
+                    // nothing visible in this chunk: its weights are zero
+                    row.fill(0.0);
+                    continue;
+                }
+                let new_max = run_max[r].max(chunk_max);
+                let mut sum = 0f32;
+                for s in row.iter_mut() {
+                    let p = (*s - new_max).exp();
+                    *s = p;
+                    sum += p;
+                }
+                if c0 > 0 {
+                    // SAFETY: row r of the `[rows, dv]` output block.
+                    let out_row = unsafe { core::slice::from_raw_parts_mut(dst.add(r * dv), dv) };
+                    let rescale = (run_max[r] - new_max).exp();
+                    run_sum[r] *= rescale;
+                    if rescale != 1.0 {
+                        out_row.iter_mut().for_each(|o| *o *= rescale);
+                    }
+                }
+                run_max[r] = new_max;
+                run_sum[r] += sum;
+            }
+            // SAFETY: `scores` rows are `KEYS` apart, values `[cw, dv]` from row c0 of the
+            // view, `dst` the task's `[rows, dv]` block.
+            unsafe {
+                gemm::gemm::<f32>(
+                    rows,
+                    dv,
+                    cw,
+                    dst,
+                    1,
+                    dv as isize,
+                    c0 > 0,
+                    scores.as_ptr(),
+                    1,
+                    KEYS as isize,
+                    vv.as_ptr().offset(c0 as isize * v_rs),
+                    v_cs,
+                    v_rs,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            c0 += cw;
+        }
+        if kend == 0 {
+            return; // no row sees a key: the block stays zero
+        }
+        for r in 0..rows {
+            // SAFETY: row r of the output block.
+            let out_row = unsafe { core::slice::from_raw_parts_mut(dst.add(r * dv), dv) };
+            let inv = 1.0 / run_sum[r].max(f32::MIN_POSITIVE);
+            out_row.iter_mut().for_each(|o| *o *= inv);
+        }
+    }
+}
+
+/// A raw output pointer shared by tasks that write disjoint blocks.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+// SAFETY: the tasks that share it write disjoint blocks.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
