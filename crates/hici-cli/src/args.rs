@@ -72,13 +72,14 @@ pub enum FusionArg {
 /// `--attention`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AttentionArg {
-    /// `flash` on CUDA, `exact` elsewhere.
+    /// `flash` on CUDA and on the CPU (its attention op is a one-pass f32 kernel), `exact` on
+    /// wgpu.
     Auto,
     /// Exact softmax attention computed in f32 (parity path).
     Exact,
     /// Flash-eligible calls on wgpu/CUDA: one square `is_causal` call per segment and query
     /// group, no scale, no mask (autotune may pick a flash kernel: f16 tiles, ~1e-3 abs
-    /// error on logits); on CPU the same as `exact`.
+    /// error on logits); on CPU the same calls go to the vendored one-pass f32 kernel.
     Flash,
 }
 

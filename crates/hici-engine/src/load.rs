@@ -71,7 +71,7 @@ pub enum Fusion {
 /// Attention kernel choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionChoice {
-    /// `flash` on CUDA, `exact` elsewhere.
+    /// `flash` on CUDA and on the CPU backend, `exact` on wgpu.
     Auto,
     Exact,
     Flash,
@@ -182,15 +182,17 @@ impl LoadSpec {
         Ok(mode.mode())
     }
 
-    /// The kernel the choice stands for on this device. On the CPU backend `flash` is the
-    /// exact tiled kernel: burn's CPU attention has no flash kernel, and the flash form's
-    /// square calls would score whole segments at once there.
+    /// The kernel the choice stands for on this device. `auto` is the flash form on CUDA
+    /// (burn's flash kernels) and on the CPU backend, whose attention op (vendored
+    /// burn-ndarray) runs each call in one pass per block of query rows in f32, skipping the
+    /// keys no row sees; `exact` (the parity reference) everywhere else.
     pub fn attention_kernel(&self) -> AttentionKernel {
         match (self.attention, self.device) {
             (AttentionChoice::Exact, _) => AttentionKernel::Exact,
-            (AttentionChoice::Flash, DeviceChoice::Ndarray) => AttentionKernel::Exact,
             (AttentionChoice::Flash, _) => AttentionKernel::Flash,
-            (AttentionChoice::Auto, DeviceChoice::Cuda(_)) => AttentionKernel::Flash,
+            (AttentionChoice::Auto, DeviceChoice::Cuda(_) | DeviceChoice::Ndarray) => {
+                AttentionKernel::Flash
+            }
             (AttentionChoice::Auto, _) => AttentionKernel::Exact,
         }
     }
