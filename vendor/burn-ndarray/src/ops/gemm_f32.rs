@@ -91,6 +91,37 @@ where
     Some(out)
 }
 
+/// `dst[m, n] = lhs[m, k] · rhs[k, n]` (f32, any strides, in elements; `dst` row-major with
+/// row stride `dst_rs`), split by gemm over the rayon pool.
+///
+/// # Safety
+/// The pointers and strides must describe `[m, k]`, `[k, n]` and `[m, n]` blocks of live
+/// f32 values, and nothing else may access `dst`'s block during the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn product_into(
+    [m, n, k]: [usize; 3],
+    dst: *mut f32,
+    dst_rs: isize,
+    lhs: *const f32,
+    [lhs_rs, lhs_cs]: [isize; 2],
+    rhs: *const f32,
+    [rhs_rs, rhs_cs]: [isize; 2],
+) {
+    let threads = super::matvec::threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm::<f32>(
+            m, n, k, dst, 1, dst_rs, false, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 0.0, 1.0,
+            false, false, false, parallelism,
+        )
+    }
+}
+
 /// A raw output pointer shared by tasks that write disjoint blocks.
 #[derive(Clone, Copy)]
 struct SendPtr<E>(*mut E);

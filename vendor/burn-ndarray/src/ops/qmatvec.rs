@@ -267,6 +267,25 @@ fn tiled(x: &[f32], m: usize, k: usize, q: &[i8], scales: &[QParams<f32>], n: us
                 }
             }
         }
+        // HiCI patch: the tile product on gemm, split over the rayon pool
+        #[cfg(all(feature = "std", feature = "multi-threads"))]
+        if m * k * jn > 0 {
+            // SAFETY: x is `[m, k]` row-major, the tile `[jn, k]` row-major read as `[k, jn]`
+            // (row stride 1, column stride k), y's columns j0 .. j0 + jn with row stride n.
+            unsafe {
+                super::gemm_f32::product_into(
+                    [m, jn, k],
+                    yv.as_mut_ptr().add(j0),
+                    n as isize,
+                    x.as_ptr(),
+                    [k as isize, 1],
+                    tile.as_ptr(),
+                    [1, k as isize],
+                );
+            }
+            j0 += jn;
+            continue;
+        }
         // the tile as `[k, jn]` (a transposed view: element (i, j) at j * k + i)
         let wt = ArrayView2::from_shape((k, jn).strides((1, k)), &*tile).expect("tile view");
         ndarray::linalg::general_mat_mul(
