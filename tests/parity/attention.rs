@@ -88,12 +88,19 @@ fn check(got: Tensor<B, 4>, want: Vec<f64>, what: &str) {
     }
 }
 
-fn opts(scale: Option<f64>, is_causal: bool) -> AttentionModuleOptions {
-    AttentionModuleOptions {
+/// burn's attention op on clones of the operands.
+fn call(
+    [q, k, v]: [&Tensor<B, 4>; 3],
+    mask: Option<Tensor<B, 4, Bool>>,
+    scale: Option<f64>,
+    is_causal: bool,
+) -> Tensor<B, 4> {
+    let opts = AttentionModuleOptions {
         scale,
         softcap: None,
         is_causal,
-    }
+    };
+    attention(q.clone(), k.clone(), v.clone(), mask, None, opts)
 }
 
 #[test]
@@ -110,24 +117,10 @@ fn one_pass_attention_matches_f64_reference() {
         .reshape([1, 1, sq, sq])
         .expand([b, h, sq, sq]);
     let want = reference(&q, &k, &v, 0.25, |_, _, i, j| j > i);
-    let got = attention(
-        q.clone(),
-        k.clone(),
-        v.clone(),
-        Some(mask),
-        None,
-        opts(Some(0.25), false),
-    );
+    let got = call([&q, &k, &v], Some(mask), Some(0.25), false);
     check(got, want.clone(), "explicit causal mask");
     // the same through is_causal, default scale 1/sqrt(16)
-    let got = attention(
-        q.clone(),
-        k.clone(),
-        v.clone(),
-        None,
-        None,
-        opts(None, true),
-    );
+    let got = call([&q, &k, &v], None, None, true);
     check(got, want, "is_causal");
 
     // a prefix: 40 rows against 1500 keys (two chunks), causal anchored bottom-right;
@@ -138,14 +131,7 @@ fn one_pass_attention_matches_f64_reference() {
     let v = tensor([1, 1, sk, 8], 6);
     let off = sk - sq;
     let want = reference(&q, &k, &v, 0.25, |_, _, i, j| j > i + off);
-    let got = attention(
-        q.clone(),
-        k.clone(),
-        v.clone(),
-        None,
-        None,
-        opts(None, true),
-    );
+    let got = call([&q, &k, &v], None, None, true);
     check(got, want, "long prefix, is_causal, broadcast heads");
 
     // a mask with holes, rows that see nothing, keys hidden at the start of a chunk
@@ -163,8 +149,18 @@ fn one_pass_attention_matches_f64_reference() {
     let mask = Tensor::<B, 1, Bool>::from_bool(TensorData::new(bits, [2 * sq * sk]), &dev)
         .reshape([1, 2, sq, sk]);
     let want = reference(&q, &k, &v, 0.1, hidden);
-    let got = attention(q, k, v, Some(mask), None, opts(Some(0.1), false));
+    let got = call([&q, &k, &v], Some(mask), Some(0.1), false);
     check(got, want, "mask with holes and empty rows");
+
+    // large scores (scale 20: shifts from 0 down past -87, where the kernel's exp gives 0)
+    let (q, k, v) = (
+        tensor([1, 2, 70, d], 10),
+        tensor([1, 2, 300, d], 11),
+        tensor([1, 2, 300, d], 12),
+    );
+    let want = reference(&q, &k, &v, 20.0, |_, _, _, _| false);
+    let got = call([&q, &k, &v], None, Some(20.0), false);
+    check(got, want, "large scores");
 
     // more queries than keys under is_causal: the first rows see nothing
     let (q, k, v) = (
@@ -173,6 +169,6 @@ fn one_pass_attention_matches_f64_reference() {
         tensor([1, 1, 20, d], 9),
     );
     let want = reference(&q, &k, &v, 0.25, |_, _, i, j| (j as i64) > i as i64 - 10);
-    let got = attention(q, k, v, None, None, opts(None, true));
+    let got = call([&q, &k, &v], None, None, true);
     check(got, want, "sq > sk");
 }
