@@ -136,7 +136,7 @@ fn one_pass_attention_matches_f64_reference() {
 
     // a mask with holes, rows that see nothing, keys hidden at the start of a chunk
     let hidden = |bi: usize, hi: usize, i: usize, j: usize| {
-        i % 7 == 3 || (j + i + bi + hi) % 5 == 0 || (1024..1100).contains(&j)
+        i % 7 == 3 || (j + i + bi + hi).is_multiple_of(5) || (1024..1100).contains(&j)
     };
     let mut bits = Vec::with_capacity(2 * sq * sk);
     for hi in 0..2 {
