@@ -14,6 +14,7 @@ use core::f32;
 
 use ndarray::{ArrayView4, Ix4, s};
 
+use super::gemm_f32::SendPtr;
 use crate::SharedArray;
 
 /// Query rows per task.
@@ -343,17 +344,3 @@ unsafe fn exp_shifted_avx2(row: &mut [f32], max: f32) -> f32 {
     }
     sum
 }
-
-/// A raw output pointer shared by tasks that write disjoint blocks.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-// SAFETY: the tasks that share it write disjoint blocks.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}

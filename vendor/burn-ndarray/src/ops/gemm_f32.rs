@@ -77,11 +77,7 @@ where
             product(b, dst, gemm::Parallelism::None)
         });
     } else {
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
+        let parallelism = pool_parallelism();
         for b in 0..batches {
             // SAFETY: block `b` lies inside the `batches * m * n` output.
             let dst = unsafe { base.get().add(b * block) };
@@ -107,27 +103,29 @@ pub(crate) unsafe fn product_into(
     rhs: *const f32,
     [rhs_rs, rhs_cs]: [isize; 2],
 ) {
-    let threads = super::matvec::threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     // SAFETY: the caller's contract.
     unsafe {
         gemm::gemm::<f32>(
             m, n, k, dst, 1, dst_rs, false, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 0.0, 1.0,
-            false, false, false, parallelism,
+            false, false, false, pool_parallelism(),
         )
+    }
+}
+
+/// One product split by gemm over the caller's rayon pool (serial with one thread).
+fn pool_parallelism() -> gemm::Parallelism {
+    match super::matvec::threads() {
+        threads @ 2.. => gemm::Parallelism::Rayon(threads),
+        _ => gemm::Parallelism::None,
     }
 }
 
 /// A raw output pointer shared by tasks that write disjoint blocks.
 #[derive(Clone, Copy)]
-struct SendPtr<E>(*mut E);
+pub(crate) struct SendPtr<E>(pub(crate) *mut E);
 
 impl<E> SendPtr<E> {
-    fn get(self) -> *mut E {
+    pub(crate) fn get(self) -> *mut E {
         self.0
     }
 }
